@@ -3,7 +3,8 @@
     TidingsError
     ├── BadRequest            400  malformed input (selectors, ids, retry, form fields)
     │   └── SSEProtocolError  400  a stream the SSE parser cannot accept
-    ├── Unauthorized          401  missing, malformed, expired or wrongly signed JWT
+    ├── Unauthorized          401  malformed, expired or wrongly signed JWT
+    │   └── TokenMissing      401  no token where one is needed
     ├── Forbidden             403  a valid JWT whose claims do not cover the request
     ├── NotFound              404
     ├── PayloadTooLarge       413
@@ -21,6 +22,7 @@ __all__ = [
     "SSEProtocolError",
     "ServiceUnavailable",
     "TidingsError",
+    "TokenMissing",
     "TransportClosed",
     "Unauthorized",
 ]
@@ -44,6 +46,10 @@ class SSEProtocolError(BadRequest):
 
 class Unauthorized(TidingsError):
     status_hint = 401
+
+
+class TokenMissing(Unauthorized):
+    """No token was presented where one is needed (no `error=` in the challenge)."""
 
 
 class Forbidden(TidingsError):

@@ -1,0 +1,229 @@
+"""`tidings serve | token | publish | subscribe`."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from tidings.settings import SETTINGS, Setting, Settings
+
+__all__ = ["main"]
+
+DEV_KEY_FILE = Path(".tidings-dev-key")
+
+
+def _option(setting: Setting) -> Any:
+    kinds: dict[str, Any] = {"str": str, "int": int, "float": float, "list": str}
+    if setting.kind == "bool":
+        name = setting.name.replace("_", "-")
+        return click.option(
+            f"--{name}/--no-{name}", setting.name, default=setting.default,
+            envvar=setting.env, show_default=True, help=setting.help + f" [env {setting.env}]",
+        )
+    return click.option(
+        setting.flag, setting.name, type=kinds[setting.kind],
+        default=None if setting.kind == "list" else setting.default,
+        envvar=setting.env, show_default=setting.kind != "list",
+        help=setting.help + f" [env {setting.env}]",
+    )
+
+
+def settings_options(func: Any) -> Any:
+    for setting in reversed(SETTINGS):
+        func = _option(setting)(func)
+    return func
+
+
+def build_settings(values: dict[str, Any]) -> Settings:
+    cors = values.get("cors_origins") or ""
+    values = {**values, "cors_origins": tuple(o.strip() for o in cors.split(",") if o.strip())}
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return Settings(**{k: v for k, v in values.items() if k in names})
+
+
+def _dev_key() -> str:
+    if DEV_KEY_FILE.exists():
+        return DEV_KEY_FILE.read_text().strip()
+    key = secrets.token_urlsafe(32)
+    DEV_KEY_FILE.write_text(key + "\n")
+    DEV_KEY_FILE.chmod(0o600)
+    return key
+
+
+def _configured_key(explicit: str | None) -> str:
+    key = explicit or os.environ.get("TIDINGS_PUBLISHER_JWT_KEY") or os.environ.get(
+        "TIDINGS_JWT_KEY")
+    if key:
+        return key
+    if DEV_KEY_FILE.exists():
+        return DEV_KEY_FILE.read_text().strip()
+    raise click.ClickException(
+        "no key: pass --jwt-key, set TIDINGS_JWT_KEY, or run `tidings serve` here first"
+    )
+
+
+@click.group(invoke_without_command=True)
+@click.version_option(package_name="tidings")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Tidings: a real-time update hub (Mercure over Server-Sent Events)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@main.command()
+@settings_options
+def serve(**values: Any) -> None:
+    """Run the hub."""
+    import uvicorn
+
+    from tidings.hub.auth import encode_token as mint
+    from tidings.web.app import create_app
+
+    settings = build_settings(values)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not (settings.jwt_key or settings.publisher_jwt_key or settings.subscriber_jwt_key):
+        if settings.jwt_algorithm != "HS256":
+            raise click.ClickException("configure --jwt-key for asymmetric algorithms")
+        settings = dataclasses.replace(settings, jwt_key=_dev_key(), dev=True)
+    try:
+        app = create_app(settings)
+    except Exception as exc:  # a bad URL or an unreadable file: one line, not a traceback
+        raise click.ClickException(str(exc)) from exc
+
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc}")
+    port = sock.getsockname()[1]
+    hub = app.state.hub
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Streams never end on their own; close them so uvicorn's graceful shutdown
+            # (and then the lifespan's hub.stop()) can proceed.
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(hub.begin_shutdown)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+        log_level=settings.log_level, timeout_graceful_shutdown=5,
+    )
+    base = f"http://{settings.host}:{port}"
+    click.echo(f"Tidings listening on {base}  (hub: {base}/.well-known/mercure)", err=True)
+    if settings.dev:
+        token = mint(settings.publisher_key, publish=["*"], subscribe=["*"])
+        click.echo(f"Development key saved in {DEV_KEY_FILE}. A publisher token:\n{token}",
+                   err=True)
+    server = Server(config)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    server.run(sockets=[sock])
+
+
+@main.command()
+@click.option("--publish", "publish_", multiple=True, help="Topic selector to allow publishing to.")
+@click.option("--subscribe", multiple=True, help="Topic selector to allow reading private updates of.")
+@click.option("--jwt-key", envvar="TIDINGS_JWT_KEY", default=None, help="HMAC secret or PEM private key.")
+@click.option("--jwt-algorithm", envvar="TIDINGS_JWT_ALGORITHM", default="HS256", show_default=True)
+@click.option("--expires-in", type=float, default=None, help="Lifetime in seconds (default: none).")
+@click.option("--audience", default=None)
+@click.option("--issuer", default=None)
+@click.option("--style", type=click.Choice(["mercure", "authorization_details"]),
+              default="mercure", show_default=True, help="Claim style: 0.x or 1.0.")
+def token(publish_: tuple[str, ...], subscribe: tuple[str, ...], jwt_key: str | None,
+          jwt_algorithm: str, expires_in: float | None, audience: str | None,
+          issuer: str | None, style: str) -> None:
+    """Mint a JWT for publishers and subscribers."""
+    from tidings.hub.auth import encode_token
+
+    click.echo(encode_token(
+        _configured_key(jwt_key), publish=list(publish_) or None,
+        subscribe=list(subscribe) or None, algorithm=jwt_algorithm, expires_in_s=expires_in,
+        audience=audience, issuer=issuer, style=style,  # type: ignore[arg-type]
+    ))
+
+
+def _client_token(token_: str | None) -> str | None:
+    if token_:
+        return token_
+    try:
+        from tidings.hub.auth import encode_token as mint
+
+        return mint(_configured_key(None), publish=["*"], subscribe=["*"])
+    except click.ClickException:
+        return None
+
+
+@main.command()
+@click.argument("topic")
+@click.argument("data", default="")
+@click.option("--url", default="http://127.0.0.1:8000", envvar="TIDINGS_URL", show_default=True)
+@click.option("--token", "token_", envvar="TIDINGS_TOKEN", default=None)
+@click.option("--private", is_flag=True)
+@click.option("--id", "id_", default=None)
+@click.option("--type", "type_", default=None)
+def publish(topic: str, data: str, url: str, token_: str | None, private: bool,
+            id_: str | None, type_: str | None) -> None:
+    """Publish DATA (or standard input with '-') to TOPIC."""
+    from tidings.client import Client, PublishError
+
+    if data == "-":
+        data = sys.stdin.read()
+
+    async def run() -> str:
+        async with Client(url, token=_client_token(token_)) as client:
+            return await client.publish(topic, data, private=private, id=id_, type=type_)
+
+    try:
+        click.echo(asyncio.run(run()))
+    except PublishError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from exc
+
+
+@main.command()
+@click.argument("topics", nargs=-1, required=True)
+@click.option("--url", default="http://127.0.0.1:8000", envvar="TIDINGS_URL", show_default=True)
+@click.option("--token", "token_", envvar="TIDINGS_TOKEN", default=None)
+@click.option("--last-event-id", default=None, help="Resume after this id ('earliest': all).")
+@click.option("--count", type=int, default=0, help="Exit after this many events (0: never).")
+def subscribe(topics: tuple[str, ...], url: str, token_: str | None,
+              last_event_id: str | None, count: int) -> None:
+    """Print the updates of TOPICS as they arrive; resumes after a dropped connection."""
+    from tidings.client import Client
+
+    async def run() -> None:
+        seen = 0
+        async with Client(url, token=_client_token(token_)) as client:
+            async for event in client.subscribe(list(topics), last_event_id=last_event_id):
+                click.echo(f"id: {event.id}")
+                if event.event != "message":
+                    click.echo(f"event: {event.event}")
+                for line in event.data.split("\n"):
+                    click.echo(f"data: {line}")
+                click.echo("", nl=True)
+                seen += 1
+                if count and seen >= count:
+                    return
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass

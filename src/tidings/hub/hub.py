@@ -1,0 +1,367 @@
+"""The hub: registry of subscribers, fan-out, replay, presence. It knows nothing of HTTP.
+
+An update's path: `publish()` awaits `transport.append()` (durable, assigns seq) and
+returns; the one `_fan_out` task reads `transport.tail()` and offers the update's frame to
+every subscriber that may see it. Publishers never wait on sockets.
+
+A subscriber's path: `connect()` resolves Last-Event-ID to a seq L, then in one step with
+no await registers the subscriber and snapshots H, the last seq fanned out. Replay covers
+(L, H]; live frames above H collect in the buffer meanwhile; the writer drops any seq it has
+already sent, so the seam has no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from tidings.errors import BadRequest, NotFound, ServiceUnavailable, TidingsError
+from tidings.hub.auth import Claims
+from tidings.hub.subscriber import CloseReason, State, Subscriber, SubscriberLimits
+from tidings.hub.topics import Selector
+from tidings.hub.update import RESERVED_PREFIX, Update
+from tidings.sse import HEARTBEAT
+from tidings.transports.base import Transport
+
+__all__ = ["EARLIEST", "Hub", "HubConfig", "Metrics", "Subscription"]
+
+log = logging.getLogger(__name__)
+
+EARLIEST = "earliest"
+SUBSCRIPTIONS_PREFIX = RESERVED_PREFIX + "/subscriptions"
+_MATCH_TYPE = {"match": "Exact", "urlpattern": "URLPattern"}
+_REPLAY_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    heartbeat_s: float = 30.0
+    max_subscribers: int = 20_000
+    max_selectors: int = 100
+    subscriptions: bool = False
+    limits: SubscriberLimits = field(default_factory=SubscriberLimits)
+
+
+@dataclass(slots=True)
+class Metrics:
+    published: int = 0
+    deliveries: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    slow_disconnects: int = 0
+    replayed: int = 0
+
+
+class Subscription:
+    """What `Hub.connect` yields: the subscriber plus the stream of bytes to write."""
+
+    def __init__(self, hub: Hub, subscriber: Subscriber, start: int, end: int, header_id: str):
+        self._hub = hub
+        self.subscriber = subscriber
+        self._replay_from = start
+        self._replay_to = end
+        # Value for the Last-Event-ID / Mercure-Last-Event-ID response headers.
+        self.last_event_id = header_id
+
+    def close(self, reason: CloseReason) -> None:
+        self.subscriber.close(reason)
+
+    def mark_written(self) -> None:
+        """Any write pushes the next heartbeat back."""
+        self.subscriber.last_write = time.monotonic()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Replay (L, H] from history, then live frames, each item one joined write."""
+        sub = self.subscriber
+        cursor = self._replay_from
+        while cursor < self._replay_to and not sub.closed:
+            page = await self._hub.transport.read_after(cursor, _REPLAY_PAGE)
+            if not page:
+                break
+            parts = []
+            for update in page:
+                if update.seq > self._replay_to:
+                    break
+                cursor = update.seq
+                if self._hub.may_see(sub, update):
+                    parts.append(update.frame)
+            sub.last_sent_seq = max(sub.last_sent_seq, cursor)
+            if parts:
+                self._hub.metrics.replayed += len(parts)
+                yield b"".join(parts)
+            if len(page) < _REPLAY_PAGE:
+                break
+        if sub.closed:
+            return
+        sub.go_live()
+        wakeup = sub.wakeup
+        while True:
+            chunk = sub.take()
+            if chunk:
+                yield chunk
+                continue
+            if sub.closed:
+                return
+            wakeup.clear()
+            await wakeup.wait()
+
+
+class Hub:
+    def __init__(self, transport: Transport, config: HubConfig | None = None) -> None:
+        self.transport = transport
+        self.config = config or HubConfig()
+        self.metrics = Metrics()
+        self._subscribers: set[Subscriber] = set()
+        # Fan-out finds candidates through an exact-topic index; subscribers with any
+        # pattern selector ("*", templates, URL patterns) are checked one by one.
+        self._by_topic: dict[str, set[Subscriber]] = {}
+        self._wide: set[Subscriber] = set()
+        self._last_seq = transport.last_seq
+        self._last_id: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        last = await self.transport.read_after(self._last_seq - 1, 1) if self._last_seq else []
+        self._last_id = last[0].id if last else None
+        self._tasks = [
+            asyncio.create_task(self._fan_out(), name="tidings-fan-out"),
+            asyncio.create_task(self._sweep(), name="tidings-heartbeats"),
+        ]
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work and end every stream; safe to call more than once."""
+        self._stopping = True
+        for sub in list(self._subscribers):
+            sub.close(CloseReason.SHUTDOWN)
+
+    async def stop(self) -> None:
+        """Close every stream, stop the background tasks, close the transport."""
+        self.begin_shutdown()
+        # Let writers see the close and finish their responses.
+        for _ in range(50):
+            if not self._subscribers:
+                break
+            await asyncio.sleep(0.02)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.transport.close()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    # -- publishing ----------------------------------------------------------------
+
+    async def publish(self, update: Update) -> Update:
+        """Store the update; it is acknowledged (and safe) when this returns."""
+        if self._stopping:
+            raise ServiceUnavailable("the hub is shutting down")
+        stored = await self.transport.append(update)
+        self.metrics.published += 1
+        return stored
+
+    async def _fan_out(self) -> None:
+        while True:
+            try:
+                async for update in self.transport.tail(self._last_seq):
+                    self._deliver(update)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fan-out failed; restarting from seq %s", self._last_seq)
+                await asyncio.sleep(0.5)
+
+    def _deliver(self, update: Update) -> None:
+        seq, frame, topics = update.seq, update.frame, update.topics
+        delivered = 0
+        if len(topics) == 1:
+            candidates: set[Subscriber] | tuple[()] = self._by_topic.get(topics[0], ())
+        else:
+            candidates = set()
+            for topic in topics:
+                candidates |= self._by_topic.get(topic, set())
+        if update.private:
+            for sub in candidates:
+                if sub.claims is not None and sub.claims.may_read_private(topics):
+                    delivered += sub.offer(seq, frame)
+        else:
+            for sub in candidates:
+                delivered += sub.offer(seq, frame)
+        for sub in self._wide:
+            if sub not in candidates and self.may_see(sub, update):
+                delivered += sub.offer(seq, frame)
+        self._last_seq = seq
+        self._last_id = update.id
+        self.metrics.deliveries += delivered
+
+    @staticmethod
+    def may_see(sub: Subscriber, update: Update) -> bool:
+        if not sub.matcher.matches_any(update.topics):
+            return False
+        if not update.private:
+            return True
+        return sub.claims is not None and sub.claims.may_read_private(update.topics)
+
+    # -- subscribing ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def connect(
+        self,
+        selectors: Sequence[Selector],
+        claims: Claims | None,
+        last_event_id: str | None = None,
+    ) -> AsyncIterator[Subscription]:
+        if not selectors:
+            raise BadRequest("at least one topic selector (topic=, match=) is required")
+        if len(selectors) > self.config.max_selectors:
+            raise BadRequest(f"at most {self.config.max_selectors} selectors per subscription")
+        if self._stopping:
+            raise ServiceUnavailable("the hub is shutting down")
+        if len(self._subscribers) >= self.config.max_subscribers:
+            raise ServiceUnavailable("too many subscribers connected", retry_after_s=5)
+
+        # Resolve the client's position before registering: this may await.
+        header_id = EARLIEST
+        start: int | None = None
+        if last_event_id == EARLIEST:
+            start = 0
+        elif last_event_id is not None:
+            found = await self.transport.find(last_event_id)
+            if found is None:
+                start = 0  # unknown or pruned: send what history has (the spec's earliest)
+            else:
+                start, header_id = found.seq, found.id
+
+        # From here to the yield: no await, so no update can slip between H and registration.
+        sub = Subscriber(tuple(selectors), claims, limits=self.config.limits)
+        end = self._last_seq
+        if start is None:
+            start = end
+            header_id = self._last_id or EARLIEST
+        sub.last_sent_seq = start
+        self._register(sub)
+        self.metrics.connects += 1
+        log.info("subscriber %s connected (%d selectors)", sub.id, len(selectors))
+        try:
+            if self.config.subscriptions:
+                await self._announce(sub, active=True)
+            yield Subscription(self, sub, start, end, header_id)
+        finally:
+            sub.close(CloseReason.CLIENT_GONE)
+            self._unregister(sub)
+            self.metrics.disconnects += 1
+            if sub.close_reason is CloseReason.SLOW:
+                self.metrics.slow_disconnects += 1
+            log.info("subscriber %s disconnected (%s)", sub.id, sub.close_reason.value
+                     if sub.close_reason else "")
+            if self.config.subscriptions and not self._stopping:
+                with contextlib.suppress(TidingsError):
+                    await self._announce(sub, active=False)
+
+    def _register(self, sub: Subscriber) -> None:
+        self._subscribers.add(sub)
+        if sub.matcher.patterns or sub.matcher.matches_all:
+            self._wide.add(sub)
+        else:
+            for topic in sub.matcher.exact_topics:
+                self._by_topic.setdefault(topic, set()).add(sub)
+
+    def _unregister(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+        self._wide.discard(sub)
+        for topic in sub.matcher.exact_topics:
+            bucket = self._by_topic.get(topic)
+            if bucket is not None:
+                bucket.discard(sub)
+                if not bucket:
+                    del self._by_topic[topic]
+
+    async def _sweep(self) -> None:
+        """Heartbeats for idle streams and closing streams whose token expired."""
+        heartbeat_s = self.config.heartbeat_s
+        interval = max(0.05, min(heartbeat_s / 4, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            now, wall = time.monotonic(), time.time()
+            for sub in list(self._subscribers):
+                if sub.expires_at is not None and wall >= sub.expires_at:
+                    sub.close(CloseReason.TOKEN_EXPIRED)
+                elif sub.state is State.LIVE and now - sub.last_write >= heartbeat_s:
+                    sub.last_write = now
+                    sub.offer(0, HEARTBEAT)
+
+    # -- presence (active subscriptions) ---------------------------------------------
+
+    @staticmethod
+    def _subscription_topic(selector: Selector, subscriber_id: str) -> str:
+        encoded_sub = quote(subscriber_id, safe="")
+        if selector.kind == "topic":
+            return f"{SUBSCRIPTIONS_PREFIX}/{quote(selector.value, safe='')}/{encoded_sub}"
+        match_type = _MATCH_TYPE[selector.kind]
+        return f"{SUBSCRIPTIONS_PREFIX}/{match_type}/{quote(selector.value, safe='')}/{encoded_sub}"
+
+    def _describe(self, sub: Subscriber, selector: Selector, active: bool) -> dict[str, object]:
+        topic = self._subscription_topic(selector, sub.id)
+        doc: dict[str, object] = {
+            "@context": "https://mercure.rocks/",
+            "id": topic,
+            "type": "Subscription",
+            "subscriber": sub.id,
+            "active": active,
+        }
+        if selector.kind == "topic":
+            doc["topic"] = selector.value
+        else:
+            doc["matchType"] = _MATCH_TYPE[selector.kind]
+            doc["match"] = selector.value
+        if sub.claims is not None and sub.claims.payload is not None:
+            doc["payload"] = sub.claims.payload
+        return doc
+
+    async def _announce(self, sub: Subscriber, *, active: bool) -> None:
+        for selector in sub.selectors:
+            doc = self._describe(sub, selector, active)
+            update = Update.create(
+                [str(doc["id"])], json.dumps(doc), private=True, allow_reserved=True
+            )
+            await self.publish(update)
+
+    def subscriptions(self, path: str, claims: Claims | None) -> dict[str, object]:
+        """The subscriptions API: `path` is below /.well-known/mercure/subscriptions."""
+        from tidings.errors import Forbidden
+
+        full = SUBSCRIPTIONS_PREFIX + (("/" + path) if path else "")
+        if claims is None or not claims.may_read_private([full]):
+            raise Forbidden("the token does not allow reading these subscriptions")
+        docs = [
+            self._describe(sub, selector, True)
+            for sub in self._subscribers
+            for selector in sub.selectors
+        ]
+        matching = [d for d in docs if str(d["id"]) == full or str(d["id"]).startswith(full + "/")]
+        last_id = self._last_id or EARLIEST
+        if path and path.count("/") >= 1 and any(str(d["id"]) == full for d in matching):
+            single = next(d for d in matching if str(d["id"]) == full)
+            return {**single, "lastEventID": last_id}
+        if path and not matching and path.count("/") >= 2:
+            raise NotFound("no such subscription")
+        return {
+            "@context": "https://mercure.rocks/",
+            "id": full,
+            "type": "Subscriptions",
+            "lastEventID": last_id,
+            "subscriptions": [{k: v for k, v in d.items() if k != "@context"} for d in matching],
+        }

@@ -1,0 +1,146 @@
+"""One subscriber: its selectors, its claims, and a bounded buffer of frames to write.
+
+Lifecycle (a table, so it is easy to check):
+
+    REPLAYING --go_live()--> LIVE --close()--> CLOSED
+        \\-------------------------close()------/
+
+`offer()` is called by fan-out and never awaits: it appends the frame and wakes the one
+writer. A subscriber whose buffer passes its bounds is closed (it resumes from history
+when it reconnects) so that a slow reader costs neither publishers nor other readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+from tidings.hub.auth import Claims
+from tidings.hub.topics import Matcher, Selector
+
+__all__ = ["CloseReason", "State", "Subscriber", "SubscriberLimits"]
+
+
+class State(enum.Enum):
+    REPLAYING = "replaying"
+    LIVE = "live"
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.REPLAYING: frozenset({State.LIVE, State.CLOSED}),
+    State.LIVE: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+
+class CloseReason(enum.Enum):
+    CLIENT_GONE = "client gone"
+    SLOW = "slow consumer"
+    TOKEN_EXPIRED = "token expired"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberLimits:
+    max_frames: int = 1000
+    max_bytes: int = 8 << 20
+
+
+class Subscriber:
+    __slots__ = (
+        "_frames",
+        "_limits",
+        "buffered_bytes",
+        "claims",
+        "close_reason",
+        "connected_at",
+        "expires_at",
+        "id",
+        "last_sent_seq",
+        "last_write",
+        "matcher",
+        "selectors",
+        "state",
+        "wakeup",
+    )
+
+    def __init__(
+        self,
+        selectors: tuple[Selector, ...],
+        claims: Claims | None,
+        *,
+        limits: SubscriberLimits,
+        subscriber_id: str | None = None,
+    ) -> None:
+        self.id = subscriber_id or f"urn:uuid:{uuid.uuid4()}"
+        self.selectors = selectors
+        self.matcher = Matcher(selectors)
+        self.claims = claims
+        self.state = State.REPLAYING
+        self.close_reason: CloseReason | None = None
+        self._limits = limits
+        # (seq, frame); seq 0 marks a frame outside history (a heartbeat).
+        self._frames: deque[tuple[int, bytes]] = deque()
+        self.buffered_bytes = 0
+        self.wakeup = asyncio.Event()
+        self.last_sent_seq = 0
+        self.connected_at = time.monotonic()
+        self.last_write = self.connected_at
+        self.expires_at = claims.expires_at if claims is not None else None
+
+    def _move(self, new: State) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"subscriber cannot go from {self.state} to {new}")
+        self.state = new
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def offer(self, seq: int, frame: bytes) -> bool:
+        """Queue a frame for the writer; False (and closed) when the buffer overflows."""
+        if self.state is State.CLOSED:
+            return False
+        frames = self._frames
+        if len(frames) >= self._limits.max_frames or (
+            self.buffered_bytes + len(frame) > self._limits.max_bytes
+        ):
+            self.close(CloseReason.SLOW)
+            return False
+        frames.append((seq, frame))
+        self.buffered_bytes += len(frame)
+        self.wakeup.set()
+        return True
+
+    def take(self) -> bytes:
+        """Everything buffered, joined into one write, minus frames already sent by replay."""
+        frames = self._frames
+        if not frames:
+            return b""
+        last = self.last_sent_seq
+        parts: list[bytes] = []
+        for seq, frame in frames:
+            if seq == 0:
+                parts.append(frame)
+            elif seq > last:
+                parts.append(frame)
+                last = seq
+        frames.clear()
+        self.buffered_bytes = 0
+        self.last_sent_seq = last
+        return b"".join(parts)
+
+    def go_live(self) -> None:
+        self._move(State.LIVE)
+
+    def close(self, reason: CloseReason) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._move(State.CLOSED)
+        self.close_reason = reason
+        self.wakeup.set()

@@ -1,0 +1,99 @@
+"""Every setting in one table: the CLI flags, their `TIDINGS_*` variables, the help text
+and the README's configuration table are all generated from `SETTINGS`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+__all__ = ["SETTINGS", "Setting", "Settings"]
+
+Kind = Literal["str", "int", "float", "bool", "list"]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    default: object
+    kind: Kind
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "TIDINGS_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "127.0.0.1", "str", "Interface to listen on."),
+    Setting("port", 8000, "int", "Port to listen on (0 picks a free one)."),
+    Setting("db", "sqlite:///tidings.db", "str",
+            "History database URL: sqlite:///FILE or memory://."),
+    Setting("jwt_key", "", "str",
+            "Key for publisher and subscriber JWTs: HMAC secret or PEM public key."),
+    Setting("publisher_jwt_key", "", "str", "Key for publisher JWTs (overrides --jwt-key)."),
+    Setting("subscriber_jwt_key", "", "str", "Key for subscriber JWTs (overrides --jwt-key)."),
+    Setting("jwt_algorithm", "HS256", "str", "JWT algorithm: HS256/384/512, RS*, ES*, PS*, EdDSA."),
+    Setting("jwt_audience", "", "str", "Required `aud` claim, when set."),
+    Setting("jwt_issuer", "", "str", "Required `iss` claim, when set."),
+    Setting("anonymous", True, "bool",
+            "Let subscribers without a token connect (they receive public updates only)."),
+    Setting("cors_origins", "", "list", "Allowed CORS origins, comma-separated ('*' for any)."),
+    Setting("heartbeat", 30.0, "float", "Seconds of idleness before a ':' heartbeat comment."),
+    Setting("history_size", 100_000, "int", "Updates kept in history for replay."),
+    Setting("history_max_age", 0.0, "float", "Seconds an update stays in history (0: no limit)."),
+    Setting("subscriptions", False, "bool", "Publish subscription (presence) events and API."),
+    Setting("max_body", 1 << 20, "int", "Largest publish request body in bytes."),
+    Setting("max_selectors", 100, "int", "Most topic selectors in one subscription."),
+    Setting("max_subscribers", 20_000, "int", "Most concurrent subscribers (then 503)."),
+    Setting("subscriber_buffer", 1000, "int",
+            "Frames buffered per subscriber before it is disconnected as too slow."),
+    Setting("dev", False, "bool", "Development mode: make a key and print a ready token."),
+    Setting("log_level", "info", "str", "Log level: debug, info, warning, error."),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: str = "sqlite:///tidings.db"
+    jwt_key: str = ""
+    publisher_jwt_key: str = ""
+    subscriber_jwt_key: str = ""
+    jwt_algorithm: str = "HS256"
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    anonymous: bool = True
+    cors_origins: tuple[str, ...] = ()
+    heartbeat: float = 30.0
+    history_size: int = 100_000
+    history_max_age: float = 0.0
+    subscriptions: bool = False
+    max_body: int = 1 << 20
+    max_selectors: int = 100
+    max_subscribers: int = 20_000
+    subscriber_buffer: int = 1000
+    dev: bool = False
+    log_level: str = "info"
+
+    @property
+    def publisher_key(self) -> str:
+        return self.publisher_jwt_key or self.jwt_key
+
+    @property
+    def subscriber_key(self) -> str:
+        return self.subscriber_jwt_key or self.jwt_key
+
+
+def _check_table_matches_dataclass() -> None:
+    names = [f.name for f in fields(Settings)]
+    table = [s.name for s in SETTINGS]
+    if names != table:  # pragma: no cover - a programming error caught at import
+        raise RuntimeError(f"SETTINGS and Settings disagree: {names} != {table}")
+
+
+_check_table_matches_dataclass()

@@ -1,0 +1,150 @@
+"""The ASGI application: thin routes over the hub."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from tidings import __version__
+from tidings.errors import TidingsError
+from tidings.hub.auth import KeyConfig
+from tidings.hub.hub import Hub, HubConfig
+from tidings.hub.subscriber import SubscriberLimits
+from tidings.settings import Settings
+from tidings.transports import open_transport
+from tidings.web.mercure import MercureEndpoint, RequestParts, claims_for
+from tidings.web.openapi import openapi_document
+
+__all__ = ["create_app"]
+
+STATIC = Path(__file__).parent / "static"
+
+
+def _key(settings: Settings, key: str) -> KeyConfig | None:
+    if not key:
+        return None
+    return KeyConfig(
+        key=key,
+        algorithm=settings.jwt_algorithm,
+        audience=settings.jwt_audience or None,
+        issuer=settings.jwt_issuer or None,
+    )
+
+
+def create_app(settings: Settings) -> Starlette:
+    transport = open_transport(
+        settings.db,
+        history_size=settings.history_size,
+        history_max_age_s=settings.history_max_age,
+    )
+    hub = Hub(
+        transport,
+        HubConfig(
+            heartbeat_s=settings.heartbeat,
+            max_subscribers=settings.max_subscribers,
+            max_selectors=settings.max_selectors,
+            subscriptions=settings.subscriptions,
+            limits=SubscriberLimits(max_frames=settings.subscriber_buffer),
+        ),
+    )
+    subscriber_key = _key(settings, settings.subscriber_key)
+    mercure = MercureEndpoint(
+        hub,
+        publisher_key=_key(settings, settings.publisher_key),
+        subscriber_key=subscriber_key,
+        anonymous=settings.anonymous,
+        max_body=settings.max_body,
+    )
+    started = time.time()
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({
+            "status": "ok",
+            "version": __version__,
+            "subscribers": hub.subscriber_count,
+            "last_seq": hub.transport.last_seq,
+            "uptime_s": round(time.time() - started, 1),
+        })
+
+    async def metrics(request: Request) -> Response:
+        m = hub.metrics
+        lines = [
+            ("tidings_subscribers", "gauge", "Subscribers connected now.", hub.subscriber_count),
+            ("tidings_updates_published_total", "counter", "Updates published.", m.published),
+            ("tidings_deliveries_total", "counter", "Updates handed to subscribers.",
+             m.deliveries),
+            ("tidings_replayed_total", "counter", "Updates sent from history on (re)connect.",
+             m.replayed),
+            ("tidings_connects_total", "counter", "Subscriber connections opened.", m.connects),
+            ("tidings_disconnects_total", "counter", "Subscriber connections closed.",
+             m.disconnects),
+            ("tidings_slow_disconnects_total", "counter",
+             "Subscribers disconnected because they fell behind.", m.slow_disconnects),
+        ]
+        text = "".join(
+            f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name} {value}\n"
+            for name, kind, help_, value in lines
+        )
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def subscriptions(request: Request) -> Response:
+        raw = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        path = raw.split("?", 1)[0].removeprefix("/.well-known/mercure/subscriptions")
+        try:
+            claims = claims_for(RequestParts(request.scope), subscriber_key)
+            doc = hub.subscriptions(path.strip("/"), claims)
+        except TidingsError as exc:
+            return JSONResponse({"error": exc.message, "status": exc.status_hint},
+                                status_code=exc.status_hint)
+        return JSONResponse(doc, media_type="application/ld+json")
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(__version__))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await hub.start()
+        try:
+            yield
+        finally:
+            await hub.stop()
+
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_credentials="*" not in settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Last-Event-ID", "Content-Type", "Cache-Control"],
+            expose_headers=["Last-Event-ID", "Mercure-Last-Event-ID"],
+        ))
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/healthz", healthz),
+            Route("/metrics", metrics),
+            Route("/openapi.json", openapi),
+            Route("/.well-known/mercure", mercure, methods=["GET", "HEAD", "POST"]),
+            Route("/.well-known/mercure/subscriptions", subscriptions),
+            Route("/.well-known/mercure/subscriptions/{rest:path}", subscriptions),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        middleware=middleware,
+        lifespan=lifespan,
+    )
+    app.state.hub = hub
+    return app

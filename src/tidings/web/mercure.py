@@ -1,0 +1,246 @@
+"""The Mercure endpoint: GET subscribes (an SSE stream), POST publishes.
+
+A raw ASGI app rather than a Starlette response so that the stream costs one `send()` per
+batch of frames and nothing else: no per-event wrapping, no polling for disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qsl
+
+from starlette.types import Message, Receive, Scope, Send
+
+from tidings.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    TidingsError,
+    TokenMissing,
+    Unauthorized,
+)
+from tidings.hub.auth import Claims, KeyConfig, decode_token, token_from_request
+from tidings.hub.hub import Hub
+from tidings.hub.subscriber import CloseReason
+from tidings.hub.topics import Selector, SelectorKind, compile_selector
+from tidings.hub.update import Update
+from tidings.web.errors import error_response
+
+__all__ = ["MercureEndpoint", "RequestParts"]
+
+log = logging.getLogger(__name__)
+
+# Subscribe query parameters that carry selectors, and their kinds (0.x and 1.0 names).
+_SELECTOR_PARAMS: dict[str, SelectorKind] = {
+    "topic": "topic",
+    "match": "match",
+    "matchExact": "match",
+    "matchURLPattern": "urlpattern",
+    "match_urlpattern": "urlpattern",
+}
+_MAX_SELECTOR_LENGTH = 2048
+
+
+class RequestParts:
+    """Headers, cookies and query of an ASGI scope, decoded once."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.headers: dict[str, str] = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+        }
+        self.query_list = parse_qsl(
+            scope.get("query_string", b"").decode("utf-8", "replace"), keep_blank_values=True
+        )
+        self.query: dict[str, str] = dict(self.query_list)
+        self.cookies: dict[str, str] = {}
+        raw_cookie = self.headers.get("cookie")
+        if raw_cookie:
+            parsed: SimpleCookie = SimpleCookie()
+            with contextlib.suppress(Exception):
+                parsed.load(raw_cookie)
+            self.cookies = {k: m.value for k, m in parsed.items()}
+
+
+def claims_for(parts: RequestParts, key: KeyConfig | None) -> Claims | None:
+    token = token_from_request(parts.headers, parts.cookies, parts.query)
+    if token is None:
+        return None
+    if key is None:
+        raise Unauthorized("this hub has no key configured for tokens")
+    return decode_token(token, key)
+
+
+class MercureEndpoint:
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        publisher_key: KeyConfig | None,
+        subscriber_key: KeyConfig | None,
+        anonymous: bool,
+        max_body: int,
+    ) -> None:
+        self.hub = hub
+        self.publisher_key = publisher_key
+        self.subscriber_key = subscriber_key
+        self.anonymous = anonymous
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        try:
+            if method in ("GET", "HEAD"):
+                await self.subscribe(scope, receive, send)
+            elif method == "POST":
+                await self.publish(scope, receive, send)
+            else:
+                await error_response(send, 405, "use GET to subscribe or POST to publish",
+                                     headers=[(b"allow", b"GET, POST")])
+        except TidingsError as exc:
+            await error_response(send, exc.status_hint, exc.message, exc=exc)
+
+    # -- subscribe -----------------------------------------------------------------
+
+    def _selectors(self, parts: RequestParts) -> list[Selector]:
+        selectors: list[Selector] = []
+        seen: set[tuple[str, str]] = set()
+        for name, value in parts.query_list:
+            kind = _SELECTOR_PARAMS.get(name)
+            if kind is None:
+                if name.lower().startswith("match"):
+                    raise BadRequest(f"unknown matcher parameter {name!r}")
+                continue
+            if len(value) > _MAX_SELECTOR_LENGTH:
+                raise BadRequest(f"a selector is longer than {_MAX_SELECTOR_LENGTH} characters")
+            if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
+                raise BadRequest("a selector must not contain control characters")
+            if (kind, value) not in seen:
+                seen.add((kind, value))
+                selectors.append(compile_selector(value, kind))
+        return selectors
+
+    async def subscribe(self, scope: Scope, receive: Receive, send: Send) -> None:
+        parts = RequestParts(scope)
+        selectors = self._selectors(parts)
+        claims = claims_for(parts, self.subscriber_key)
+        if claims is None and not self.anonymous:
+            raise TokenMissing("this hub requires a subscriber token")
+        last_event_id = (
+            parts.headers.get("last-event-id")
+            or parts.query.get("lastEventID")
+            or parts.query.get("last_event_id")
+        )
+        async with self.hub.connect(selectors, claims, last_event_id) as subscription:
+            headers = [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"private, no-cache, no-store"),
+                (b"x-accel-buffering", b"no"),
+                (b"last-event-id", subscription.last_event_id.encode()),
+                (b"mercure-last-event-id", subscription.last_event_id.encode()),
+            ]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                return
+            watcher = asyncio.create_task(self._watch_disconnect(receive, subscription.close))
+            client_gone = False
+            try:
+                async for chunk in subscription.chunks():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    subscription.mark_written()
+            except OSError:
+                # uvicorn raises ClientDisconnected (an OSError) on a send to a closed socket.
+                client_gone = True
+            finally:
+                watcher.cancel()
+            if not client_gone and subscription.subscriber.close_reason is not (
+                CloseReason.CLIENT_GONE
+            ):
+                with contextlib.suppress(OSError):
+                    await send({"type": "http.response.body", "body": b""})
+
+    @staticmethod
+    async def _watch_disconnect(receive: Receive, close: object) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                close(CloseReason.CLIENT_GONE)  # type: ignore[operator]
+                return
+
+    # -- publish -------------------------------------------------------------------
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise PayloadTooLarge(f"the request body is larger than {self.max_body} bytes")
+        body = bytearray()
+        more = True
+        while more:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest("the client went away during the request")
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                raise PayloadTooLarge(f"the request body is larger than {self.max_body} bytes")
+            more = message.get("more_body", False)
+        return bytes(body)
+
+    async def publish(self, scope: Scope, receive: Receive, send: Send) -> None:
+        parts = RequestParts(scope)
+        if self.publisher_key is None:
+            raise Unauthorized("publishing is disabled: no publisher key is configured")
+        claims = claims_for(parts, self.publisher_key)
+        if claims is None:
+            raise TokenMissing("publishing needs a publisher token")
+        content_type = parts.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != "application/x-www-form-urlencoded":
+            raise BadRequest("the body must be application/x-www-form-urlencoded")
+        body = await self._read_body(scope, receive)
+        try:
+            form = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError as exc:
+            raise BadRequest("the body is not valid UTF-8") from exc
+        update = update_from_form(form)
+        if not claims.may_publish(update.topics):
+            raise Forbidden("the token does not allow publishing to these topics")
+        stored = await self.hub.publish(update)
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+        })
+        await send({"type": "http.response.body", "body": stored.id.encode()})
+
+
+def update_from_form(form: list[tuple[str, str]]) -> Update:
+    """Build an update from the publish form's fields (validation included)."""
+    fields: dict[str, str] = {}
+    topics: list[str] = []
+    private = False
+    for name, value in form:
+        if name == "topic":
+            topics.append(value)
+        elif name == "private":
+            private = True  # presence marks it private, whatever the value
+        else:
+            fields[name] = value
+    retry_text = fields.get("retry")
+    retry: int | None = None
+    if retry_text is not None and retry_text != "":
+        if not (retry_text.isascii() and retry_text.isdigit()):
+            raise BadRequest("retry must be ASCII digits")
+        retry = int(retry_text)
+    return Update.create(
+        topics,
+        fields.get("data", ""),
+        id=fields.get("id") or None,
+        private=private,
+        type=fields.get("type") or None,
+        retry=retry,
+    )
+
+

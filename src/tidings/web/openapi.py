@@ -1,0 +1,115 @@
+"""The OpenAPI document for every HTTP endpoint, so clients can be generated and the API
+fuzzed. Written by hand: the routes are few and their shapes are the Mercure protocol's."""
+
+from __future__ import annotations
+
+__all__ = ["openapi_document"]
+
+_ERROR = {
+    "description": "Error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+_SELECTOR_PARAMS = [
+    {"name": name, "in": "query", "required": False, "style": "form", "explode": True,
+     "schema": {"type": "array", "items": {"type": "string"}}, "description": text}
+    for name, text in (
+        ("topic", "0.x selector: exact topic, RFC 6570 URI template, or *"),
+        ("match", "1.0 exact matcher (or *)"),
+        ("matchURLPattern", "1.0 URL pattern matcher"),
+        ("match_urlpattern", "Alias of matchURLPattern"),
+    )
+]
+
+
+def openapi_document(version: str) -> dict[str, object]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Tidings",
+            "version": version,
+            "description": "A Mercure-compatible real-time update hub over Server-Sent Events.",
+        },
+        "paths": {
+            "/.well-known/mercure": {
+                "get": {
+                    "summary": "Subscribe: an SSE stream of matching updates",
+                    "parameters": [
+                        *_SELECTOR_PARAMS,
+                        {"name": "lastEventID", "in": "query", "schema": {"type": "string"}},
+                        {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
+                        {"name": "authorization", "in": "query", "schema": {"type": "string"}},
+                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        "400": _ERROR, "401": _ERROR, "503": _ERROR,
+                    },
+                },
+                "post": {
+                    "summary": "Publish an update",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/x-www-form-urlencoded": {"schema": {
+                            "type": "object",
+                            "required": ["topic"],
+                            "properties": {
+                                "topic": {"type": "array", "items": {"type": "string"}},
+                                "data": {"type": "string"},
+                                "private": {"type": "string"},
+                                "id": {"type": "string"},
+                                "type": {"type": "string"},
+                                "retry": {"type": "string", "pattern": "^[0-9]+$"},
+                            },
+                        }}},
+                    },
+                    "responses": {
+                        "200": {"description": "The update's id",
+                                "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR,
+                    },
+                },
+            },
+            "/.well-known/mercure/subscriptions": {
+                "get": {
+                    "summary": "Active subscriptions (with --subscriptions)",
+                    "security": [{"bearer": []}],
+                    "responses": {"200": {"description": "JSON-LD list of subscriptions",
+                                          "content": {"application/ld+json": {}}},
+                                  "401": _ERROR, "403": _ERROR},
+                },
+            },
+            "/.well-known/mercure/subscriptions/{rest}": {
+                "get": {
+                    "summary": "Subscriptions for a selector, or one subscription",
+                    "security": [{"bearer": []}],
+                    "parameters": [{"name": "rest", "in": "path", "required": True,
+                                    "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "JSON-LD",
+                                          "content": {"application/ld+json": {}}},
+                                  "401": _ERROR, "403": _ERROR, "404": _ERROR},
+                },
+            },
+            "/healthz": {"get": {"summary": "Liveness and a few numbers",
+                                 "responses": {"200": {"description": "OK",
+                                                       "content": {"application/json": {}}}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "Metrics",
+                                                       "content": {"text/plain": {}}}}}},
+            "/openapi.json": {"get": {"summary": "This document",
+                                      "responses": {"200": {"description": "OpenAPI",
+                                                            "content": {"application/json": {}}}}}},
+            "/": {"get": {"summary": "Status page and debugger",
+                          "responses": {"200": {"description": "HTML",
+                                                "content": {"text/html": {}}}}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "bearerFormat": "JWT"}},
+            "schemas": {"Error": {"type": "object", "properties": {
+                "error": {"type": "string"}, "status": {"type": "integer"}}}},
+        },
+    }
