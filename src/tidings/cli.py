@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -109,7 +110,9 @@ def serve(**values: Any) -> None:
     try:
         sock.bind((settings.host, settings.port))
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc}")
+        raise click.ClickException(
+            f"cannot listen on {settings.host}:{settings.port}: {exc}"
+        ) from exc
     port = sock.getsockname()[1]
     hub = app.state.hub
 
@@ -137,9 +140,12 @@ def serve(**values: Any) -> None:
 
 
 @main.command()
-@click.option("--publish", "publish_", multiple=True, help="Topic selector to allow publishing to.")
-@click.option("--subscribe", multiple=True, help="Topic selector to allow reading private updates of.")
-@click.option("--jwt-key", envvar="TIDINGS_JWT_KEY", default=None, help="HMAC secret or PEM private key.")
+@click.option("--publish", "publish_", multiple=True,
+              help="Topic selector the token may publish to.")
+@click.option("--subscribe", multiple=True,
+              help="Topic selector the token may read private updates of.")
+@click.option("--jwt-key", envvar="TIDINGS_JWT_KEY", default=None,
+              help="HMAC secret or PEM private key.")
 @click.option("--jwt-algorithm", envvar="TIDINGS_JWT_ALGORITHM", default="HS256", show_default=True)
 @click.option("--expires-in", type=float, default=None, help="Lifetime in seconds (default: none).")
 @click.option("--audience", default=None)
@@ -223,7 +229,5 @@ def subscribe(topics: tuple[str, ...], url: str, token_: str | None,
                 if count and seen >= count:
                     return
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
-    except KeyboardInterrupt:
-        pass

@@ -98,7 +98,7 @@ class Client:
         attempt = 0
         while True:
             headers = {"Last-Event-ID": self.last_event_id} if self.last_event_id else {}
-            params = [(selector, t) for t in topics]
+            params = httpx.QueryParams([(selector, t) for t in topics])
             try:
                 async with self._http.stream(
                     "GET", MERCURE_PATH, params=params, headers=headers,

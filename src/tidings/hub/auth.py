@@ -113,8 +113,8 @@ _COOKIE_NAME = "__Secure-mercure_access_token"
 _LEGACY_COOKIE_NAME = "mercureAuthorization"
 _LEGACY_QUERY_PARAM = "authorization"
 
-# Every selector in a token may be compiled (URL patterns are not free), so a token
-# cannot carry more of them than a subscribe request may.
+# Every selector in a token is compiled at decode time (URL patterns are not free), so the
+# count is capped, at the 1000 the reference hub allows in one token.
 _MAX_SELECTORS = 1000
 # Bounds the parsing work one attacker-supplied string can cause before the signature
 # check; real tokens are a few hundred bytes.
@@ -526,12 +526,8 @@ def _legacy_entry(selector: str | Selector) -> str | dict[str, str]:
     return _topic_json(selector)
 
 
-def _detail(
-    action: str, selectors: Iterable[str | Selector], payload: object
-) -> dict[str, Any]:
-    topics = [
-        {"match": s} if isinstance(s, str) else _topic_json(s) for s in selectors
-    ]
+def _detail(action: str, selectors: Iterable[str | Selector], payload: object) -> dict[str, Any]:
+    topics = [{"match": s} if isinstance(s, str) else _topic_json(s) for s in selectors]
     if not topics:
         # The spec requires a non-empty topics list, and hubs reject the whole token.
         raise ValueError(f"a {action} grant needs at least one topic")
@@ -548,9 +544,7 @@ def _topic_json(selector: Selector) -> dict[str, str]:
         return {"match": selector.value, "match_type": "urlpattern"}
     if selector.value == "*":
         return {"match": "*"}
-    raise ValueError(
-        f"URI template selector {selector.value!r} has no 1.0 form; use a URL pattern"
-    )
+    raise ValueError(f"URI template selector {selector.value!r} has no 1.0 form; use a URL pattern")
 
 
 # --- finding the token ---------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""The hub core on the in-memory transport: no HTTP, no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tidings.errors import BadRequest, ServiceUnavailable
+from tidings.hub.auth import KeyConfig, decode_token, encode_token
+from tidings.hub.hub import Hub, HubConfig, Subscription
+from tidings.hub.subscriber import CloseReason, State, SubscriberLimits
+from tidings.hub.topics import compile_selector
+from tidings.hub.update import Update
+from tidings.sse import EventParser
+from tidings.transports import open_transport
+
+pytestmark = pytest.mark.anyio
+KEY = KeyConfig("unit-test-key-unit-test-key-unit-test-key")
+
+
+async def make_hub(**config: object) -> Hub:
+    hub = Hub(open_transport("memory://"), HubConfig(**config))  # type: ignore[arg-type]
+    await hub.start()
+    return hub
+
+
+async def settle() -> None:
+    """Let the fan-out task run: yields to the loop until it has nothing left to do."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def collect(sub: Subscription, n: int) -> list[str]:
+    parser = EventParser()
+    events: list[str] = []
+    chunks = sub.chunks()
+    while len(events) < n:
+        chunk = await asyncio.wait_for(anext(chunks), 5)
+        events.extend(e.data for e in parser.feed(chunk))
+    return events
+
+
+def sel(*topics: str) -> list:  # type: ignore[type-arg]
+    return [compile_selector(t) for t in topics]
+
+
+async def test_publish_fans_out_to_matching_subscribers() -> None:
+    hub = await make_hub()
+    async with hub.connect(sel("/a"), None) as a, hub.connect(sel("/{x}"), None) as wide:
+        await hub.publish(Update.create(["/a"], "1"))
+        await hub.publish(Update.create(["/b"], "2"))
+        await settle()
+        assert await collect(a, 1) == ["1"]
+        assert await collect(wide, 2) == ["1", "2"]
+    assert hub.subscriber_count == 0
+    await hub.stop()
+
+
+async def test_update_with_two_matching_topics_is_delivered_once() -> None:
+    hub = await make_hub()
+    async with hub.connect(sel("/a", "/b"), None) as sub:
+        await hub.publish(Update.create(["/a", "/b"], "both"))
+        await hub.publish(Update.create(["/b"], "next"))
+        await settle()
+        assert await collect(sub, 2) == ["both", "next"]
+    await hub.stop()
+
+
+async def test_private_needs_a_matching_claim() -> None:
+    hub = await make_hub()
+    claims = decode_token(encode_token(KEY.key, subscribe=["/p/{id}"]), KEY)
+    async with hub.connect(sel("/p/1"), claims) as ok, hub.connect(sel("/p/1"), None) as anon:
+        await hub.publish(Update.create(["/p/1"], "secret", private=True))
+        await hub.publish(Update.create(["/p/1"], "public"))
+        await settle()
+        assert await collect(ok, 2) == ["secret", "public"]
+        assert await collect(anon, 1) == ["public"]
+    await hub.stop()
+
+
+async def test_seam_no_gap_no_duplicate() -> None:
+    """Updates published while a subscriber replays arrive once, after the replayed ones."""
+    hub = await make_hub()
+    first = await hub.publish(Update.create(["/s"], "0"))
+    for i in range(1, 50):
+        await hub.publish(Update.create(["/s"], str(i)))
+    await settle()
+    async with hub.connect(sel("/s"), None, last_event_id=first.id) as sub:
+        # Live updates arrive before the writer has replayed anything.
+        for i in range(50, 80):
+            await hub.publish(Update.create(["/s"], str(i)))
+        await settle()
+        assert sub.subscriber.state is State.REPLAYING
+        assert await collect(sub, 79) == [str(i) for i in range(1, 80)]
+        assert sub.subscriber.state is State.LIVE
+    await hub.stop()
+
+
+async def test_last_event_id_ahead_of_fan_out_drops_older_live_frames() -> None:
+    hub = await make_hub()
+    async with hub.connect(sel("/s"), None) as sub:
+        a = await hub.publish(Update.create(["/s"], "a"))
+        await hub.publish(Update.create(["/s"], "b"))
+        # Reconnect claiming "a" was seen before fan-out delivered it.
+        async with hub.connect(sel("/s"), None, last_event_id=a.id) as again:
+            await settle()
+            assert await collect(again, 1) == ["b"]
+        assert await collect(sub, 2) == ["a", "b"]
+    await hub.stop()
+
+
+async def test_slow_subscriber_is_closed_not_grown() -> None:
+    hub = await make_hub(limits=SubscriberLimits(max_frames=10))
+    async with hub.connect(sel("/f"), None) as slow:
+        for i in range(11):
+            await hub.publish(Update.create(["/f"], str(i)))
+        await settle()
+        assert slow.subscriber.state is State.CLOSED
+        assert slow.subscriber.close_reason is CloseReason.SLOW
+    assert hub.metrics.slow_disconnects == 1
+    await hub.stop()
+
+
+async def test_limits_and_bad_selectors() -> None:
+    hub = await make_hub(max_subscribers=1, max_selectors=2)
+    with pytest.raises(BadRequest):
+        async with hub.connect([], None):
+            pass
+    with pytest.raises(BadRequest):
+        async with hub.connect(sel("/a", "/b", "/c"), None):
+            pass
+    async with hub.connect(sel("/a"), None):
+        with pytest.raises(ServiceUnavailable):
+            async with hub.connect(sel("/a"), None):
+                pass
+    await hub.stop()
+
+
+async def test_shutdown_closes_streams() -> None:
+    hub = await make_hub()
+    async with hub.connect(sel("/a"), None) as sub:
+        chunks = sub.chunks()
+        pending = asyncio.ensure_future(anext(chunks))
+        await settle()
+        hub.begin_shutdown()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(pending, 5)
+        assert sub.subscriber.close_reason is CloseReason.SHUTDOWN
+    await hub.stop()
+
+
+async def test_idempotent_append_on_id() -> None:
+    hub = await make_hub()
+    one = await hub.publish(Update.create(["/i"], "x", id="same"))
+    two = await hub.publish(Update.create(["/i"], "y", id="same"))
+    assert one.seq == two.seq and two.data == "x"
+    await hub.stop()
+
+
