@@ -238,7 +238,8 @@ class _Template:
             for i, part in enumerate(parts)
             if isinstance(part, _Expr) and part.consumable() & _follow_chars(parts[i + 1 :])
         )
-        # One ambiguous expression costs at most O(n²) in the regex engine; two or more nest.
+        # One ambiguous expression costs at most O(n²) in the backtracking engine; k of them
+        # cost O(n^(k+1)), which a crafted subscription could use to stall every publish.
         return cls(parts, re.compile(regex), ambiguous > 1)
 
     def matches(self, topic: str) -> bool:
