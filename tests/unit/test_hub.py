@@ -31,14 +31,36 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def collect(sub: Subscription, n: int) -> list[str]:
-    parser = EventParser()
-    events: list[str] = []
-    chunks = sub.chunks()
-    while len(events) < n:
-        chunk = await asyncio.wait_for(anext(chunks), 5)
-        events.extend(e.data for e in parser.feed(chunk))
-    return events
+class ListSink:
+    """A sink that parses what the hub writes, as a browser would."""
+
+    def __init__(self) -> None:
+        self.parser = EventParser()
+        self.events: list[str] = []
+        self.writes = 0
+        self.changed = asyncio.Event()
+
+    def write(self, chunk: bytes) -> bool:
+        self.writes += 1
+        self.events.extend(e.data for e in self.parser.feed(chunk))
+        self.changed.set()
+        return True
+
+
+async def live(sub: Subscription) -> ListSink:
+    """Replay into a sink, then hand it to the hub, as the web layer does."""
+    sink = ListSink()
+    async for chunk in sub.replay():
+        sink.write(chunk)
+    sub.go_live(sink)
+    return sink
+
+
+async def collect(sink: ListSink, n: int) -> list[str]:
+    while len(sink.events) < n:
+        sink.changed.clear()
+        await asyncio.wait_for(sink.changed.wait(), 5)
+    return sink.events
 
 
 def sel(*topics: str) -> list:  # type: ignore[type-arg]
@@ -48,11 +70,11 @@ def sel(*topics: str) -> list:  # type: ignore[type-arg]
 async def test_publish_fans_out_to_matching_subscribers() -> None:
     hub = await make_hub()
     async with hub.connect(sel("/a"), None) as a, hub.connect(sel("/{x}"), None) as wide:
+        a_sink, wide_sink = await live(a), await live(wide)
         await hub.publish(Update.create(["/a"], "1"))
         await hub.publish(Update.create(["/b"], "2"))
-        await settle()
-        assert await collect(a, 1) == ["1"]
-        assert await collect(wide, 2) == ["1", "2"]
+        assert await collect(wide_sink, 2) == ["1", "2"]
+        assert await collect(a_sink, 1) == ["1"]
     assert hub.subscriber_count == 0
     await hub.stop()
 
@@ -60,10 +82,10 @@ async def test_publish_fans_out_to_matching_subscribers() -> None:
 async def test_update_with_two_matching_topics_is_delivered_once() -> None:
     hub = await make_hub()
     async with hub.connect(sel("/a", "/b"), None) as sub:
+        sink = await live(sub)
         await hub.publish(Update.create(["/a", "/b"], "both"))
         await hub.publish(Update.create(["/b"], "next"))
-        await settle()
-        assert await collect(sub, 2) == ["both", "next"]
+        assert await collect(sink, 2) == ["both", "next"]
     await hub.stop()
 
 
@@ -71,11 +93,11 @@ async def test_private_needs_a_matching_claim() -> None:
     hub = await make_hub()
     claims = decode_token(encode_token(KEY.key, subscribe=["/p/{id}"]), KEY)
     async with hub.connect(sel("/p/1"), claims) as ok, hub.connect(sel("/p/1"), None) as anon:
+        ok_sink, anon_sink = await live(ok), await live(anon)
         await hub.publish(Update.create(["/p/1"], "secret", private=True))
         await hub.publish(Update.create(["/p/1"], "public"))
-        await settle()
-        assert await collect(ok, 2) == ["secret", "public"]
-        assert await collect(anon, 1) == ["public"]
+        assert await collect(ok_sink, 2) == ["secret", "public"]
+        assert await collect(anon_sink, 1) == ["public"]
     await hub.stop()
 
 
@@ -92,21 +114,23 @@ async def test_seam_no_gap_no_duplicate() -> None:
             await hub.publish(Update.create(["/s"], str(i)))
         await settle()
         assert sub.subscriber.state is State.REPLAYING
-        assert await collect(sub, 79) == [str(i) for i in range(1, 80)]
+        sink = await live(sub)
         assert sub.subscriber.state is State.LIVE
+        assert await collect(sink, 79) == [str(i) for i in range(1, 80)]
     await hub.stop()
 
 
 async def test_last_event_id_ahead_of_fan_out_drops_older_live_frames() -> None:
     hub = await make_hub()
     async with hub.connect(sel("/s"), None) as sub:
+        sink = await live(sub)
         a = await hub.publish(Update.create(["/s"], "a"))
         await hub.publish(Update.create(["/s"], "b"))
         # Reconnect claiming "a" was seen before fan-out delivered it.
         async with hub.connect(sel("/s"), None, last_event_id=a.id) as again:
-            await settle()
-            assert await collect(again, 1) == ["b"]
-        assert await collect(sub, 2) == ["a", "b"]
+            again_sink = await live(again)
+            assert await collect(again_sink, 1) == ["b"]
+        assert await collect(sink, 2) == ["a", "b"]
     await hub.stop()
 
 
@@ -140,13 +164,26 @@ async def test_limits_and_bad_selectors() -> None:
 async def test_shutdown_closes_streams() -> None:
     hub = await make_hub()
     async with hub.connect(sel("/a"), None) as sub:
-        chunks = sub.chunks()
-        pending = asyncio.ensure_future(anext(chunks))
-        await settle()
+        await live(sub)
+        closed: list[bool] = []
+        sub.subscriber.on_close(lambda: closed.append(True))
         hub.begin_shutdown()
-        with pytest.raises(StopAsyncIteration):
-            await asyncio.wait_for(pending, 5)
+        assert closed == [True]
         assert sub.subscriber.close_reason is CloseReason.SHUTDOWN
+    await hub.stop()
+
+
+async def test_writes_coalesce_under_load() -> None:
+    """Updates published faster than the flush gap go out in fewer writes."""
+    hub = await make_hub(flush_gap_s=0.05)
+    async with hub.connect(sel("/c"), None) as sub:
+        sink = await live(sub)
+        await hub.publish(Update.create(["/c"], "first"))
+        assert await collect(sink, 1) == ["first"]
+        for i in range(20):
+            await hub.publish(Update.create(["/c"], str(i)))
+        assert await collect(sink, 21) == ["first", *[str(i) for i in range(20)]]
+        assert sink.writes < 10
     await hub.stop()
 
 

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from tidings.errors import BadRequest, NotFound, ServiceUnavailable, TidingsError
 from tidings.hub.auth import Claims
-from tidings.hub.subscriber import CloseReason, State, Subscriber, SubscriberLimits
+from tidings.hub.subscriber import CloseReason, Sink, State, Subscriber, SubscriberLimits
 from tidings.hub.topics import Selector
 from tidings.hub.update import RESERVED_PREFIX, Update
 from tidings.sse import HEARTBEAT
@@ -46,6 +46,10 @@ class HubConfig:
     max_selectors: int = 100
     subscriptions: bool = False
     limits: SubscriberLimits = field(default_factory=SubscriberLimits)
+    # Under sustained load, wait this long after a flush before the next one, so that each
+    # write carries several updates (one write costs far more than one more frame in it).
+    # When the hub is idle a flush happens at once; latency grows by at most this much.
+    flush_gap_s: float = 0.002
 
 
 @dataclass(slots=True)
@@ -59,7 +63,7 @@ class Metrics:
 
 
 class Subscription:
-    """What `Hub.connect` yields: the subscriber plus the stream of bytes to write."""
+    """What `Hub.connect` yields: replay the history, then hand over a sink for live frames."""
 
     def __init__(self, hub: Hub, subscriber: Subscriber, start: int, end: int, header_id: str):
         self._hub = hub
@@ -72,18 +76,12 @@ class Subscription:
     def close(self, reason: CloseReason) -> None:
         self.subscriber.close(reason)
 
-    def mark_written(self) -> None:
-        """Any write pushes the next heartbeat back."""
-        self.subscriber.last_write = time.monotonic()
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Replay (L, H] from history, then live frames, each item one joined write."""
+    async def replay(self) -> AsyncIterator[bytes]:
+        """The visible updates of (L, H], in pages, each page one joined write."""
         sub = self.subscriber
         cursor = self._replay_from
         while cursor < self._replay_to and not sub.closed:
             page = await self._hub.transport.read_after(cursor, _REPLAY_PAGE)
-            if not page:
-                break
             parts = []
             for update in page:
                 if update.seq > self._replay_to:
@@ -97,19 +95,10 @@ class Subscription:
                 yield b"".join(parts)
             if len(page) < _REPLAY_PAGE:
                 break
-        if sub.closed:
-            return
-        sub.go_live()
-        wakeup = sub.wakeup
-        while True:
-            chunk = sub.take()
-            if chunk:
-                yield chunk
-                continue
-            if sub.closed:
-                return
-            wakeup.clear()
-            await wakeup.wait()
+
+    def go_live(self, sink: Sink) -> None:
+        """From now on the hub writes this subscriber's frames to `sink` as they come."""
+        self.subscriber.go_live(sink)
 
 
 class Hub:
@@ -126,6 +115,9 @@ class Hub:
         self._last_id: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._ready: list[Subscriber] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._last_flush_end = 0.0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -246,7 +238,9 @@ class Hub:
                 start, header_id = found.seq, found.id
 
         # From here to the yield: no await, so no update can slip between H and registration.
-        sub = Subscriber(tuple(selectors), claims, limits=self.config.limits)
+        sub = Subscriber(
+            tuple(selectors), claims, limits=self.config.limits, on_ready=self._on_ready
+        )
         end = self._last_seq
         if start is None:
             start = end
@@ -302,6 +296,27 @@ class Hub:
                 elif sub.state is State.LIVE and now - sub.last_write >= heartbeat_s:
                     sub.last_write = now
                     sub.offer(0, HEARTBEAT)
+
+    # -- flushing ------------------------------------------------------------------
+
+    def _on_ready(self, sub: Subscriber) -> None:
+        self._ready.append(sub)
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            delay = self._last_flush_end + self.config.flush_gap_s - loop.time()
+            if delay > 0:
+                self._flush_handle = loop.call_later(delay, self._flush)
+            else:
+                self._flush_handle = loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._flush_handle = None
+        ready, self._ready = self._ready, []
+        now = time.monotonic()
+        for sub in ready:
+            sub.flush(now)
+        self._last_flush_end = loop.time()
 
     # -- presence (active subscriptions) ---------------------------------------------
 

@@ -5,24 +5,36 @@ Lifecycle (a table, so it is easy to check):
     REPLAYING --go_live()--> LIVE --close()--> CLOSED
         \\-------------------------close()------/
 
-`offer()` is called by fan-out and never awaits: it appends the frame and wakes the one
-writer. A subscriber whose buffer passes its bounds is closed (it resumes from history
-when it reconnects) so that a slow reader costs neither publishers nor other readers.
+`offer()` is called by fan-out and never awaits: it appends the frame to a bounded buffer.
+The hub's flush hands the joined buffer to the subscriber's `Sink` (the web layer's
+connection) in one write. A subscriber whose buffer passes its bounds is closed (it resumes
+from history when it reconnects) so that a slow reader costs neither publishers nor other
+readers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from tidings.hub.auth import Claims
 from tidings.hub.topics import Matcher, Selector
 
-__all__ = ["CloseReason", "State", "Subscriber", "SubscriberLimits"]
+__all__ = ["CloseReason", "Sink", "State", "Subscriber", "SubscriberLimits"]
+
+
+class Sink(Protocol):
+    """Where a live subscriber's bytes go: the web layer's connection."""
+
+    def write(self, chunk: bytes) -> bool:
+        """Write without waiting. True when done; False when the write is still in
+        progress, in which case the sink calls `Subscriber.drained()` once it is done."""
+        ...
 
 
 class State(enum.Enum):
@@ -55,18 +67,22 @@ class Subscriber:
     __slots__ = (
         "_frames",
         "_limits",
+        "_on_close",
+        "_on_ready",
         "buffered_bytes",
+        "busy",
         "claims",
         "close_reason",
         "connected_at",
+        "dirty",
         "expires_at",
         "id",
         "last_sent_seq",
         "last_write",
         "matcher",
         "selectors",
+        "sink",
         "state",
-        "wakeup",
     )
 
     def __init__(
@@ -75,6 +91,7 @@ class Subscriber:
         claims: Claims | None,
         *,
         limits: SubscriberLimits,
+        on_ready: Callable[[Subscriber], None],
         subscriber_id: str | None = None,
     ) -> None:
         self.id = subscriber_id or f"urn:uuid:{uuid.uuid4()}"
@@ -87,7 +104,12 @@ class Subscriber:
         # (seq, frame); seq 0 marks a frame outside history (a heartbeat).
         self._frames: deque[tuple[int, bytes]] = deque()
         self.buffered_bytes = 0
-        self.wakeup = asyncio.Event()
+        # Set by the hub: called when a LIVE subscriber has frames and no flush pending.
+        self._on_ready = on_ready
+        self._on_close: Callable[[], None] | None = None
+        self.sink: Sink | None = None
+        self.dirty = False  # waiting in the hub's flush list
+        self.busy = False  # the sink is still writing the previous chunk
         self.last_sent_seq = 0
         self.connected_at = time.monotonic()
         self.last_write = self.connected_at
@@ -114,8 +136,14 @@ class Subscriber:
             return False
         frames.append((seq, frame))
         self.buffered_bytes += len(frame)
-        self.wakeup.set()
+        if not self.dirty and not self.busy and self.state is State.LIVE:
+            self.dirty = True
+            self._on_ready(self)
         return True
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._frames)
 
     def take(self) -> bytes:
         """Everything buffered, joined into one write, minus frames already sent by replay."""
@@ -135,12 +163,42 @@ class Subscriber:
         self.last_sent_seq = last
         return b"".join(parts)
 
-    def go_live(self) -> None:
+    def go_live(self, sink: Sink) -> None:
+        """Replay is done: from now on the hub's flushes write to `sink`."""
+        self.sink = sink
         self._move(State.LIVE)
+        if self._frames and not self.dirty:
+            self.dirty = True
+            self._on_ready(self)
+
+    def flush(self, now: float) -> None:
+        """Hand everything buffered to the sink in one write (called by the hub)."""
+        self.dirty = False
+        if self.busy or self.sink is None or self.state is not State.LIVE:
+            return
+        chunk = self.take()
+        if chunk:
+            self.last_write = now
+            self.busy = not self.sink.write(chunk)
+
+    def drained(self) -> None:
+        """The sink finished a write that could not complete at once."""
+        self.busy = False
+        if self._frames and not self.dirty and self.state is State.LIVE:
+            self.dirty = True
+            self._on_ready(self)
+
+    def on_close(self, callback: Callable[[], None] | None) -> None:
+        """Run `callback` when the subscriber is closed (the web layer ends the response)."""
+        self._on_close = callback
 
     def close(self, reason: CloseReason) -> None:
         if self.state is State.CLOSED:
             return
         self._move(State.CLOSED)
         self.close_reason = reason
-        self.wakeup.set()
+        self._frames.clear()
+        self.buffered_bytes = 0
+        callback, self._on_close = self._on_close, None
+        if callback is not None:
+            callback()

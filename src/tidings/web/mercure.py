@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from http.cookies import SimpleCookie
+from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.types import Message, Receive, Scope, Send
@@ -23,8 +25,8 @@ from tidings.errors import (
     Unauthorized,
 )
 from tidings.hub.auth import Claims, KeyConfig, decode_token, token_from_request
-from tidings.hub.hub import Hub
-from tidings.hub.subscriber import CloseReason
+from tidings.hub.hub import Hub, Subscription
+from tidings.hub.subscriber import CloseReason, Subscriber
 from tidings.hub.topics import Selector, SelectorKind, compile_selector
 from tidings.hub.update import Update
 from tidings.web.errors import error_response
@@ -145,30 +147,7 @@ class MercureEndpoint:
             if scope["method"] == "HEAD":
                 await send({"type": "http.response.body", "body": b""})
                 return
-            watcher = asyncio.create_task(self._watch_disconnect(receive, subscription.close))
-            client_gone = False
-            try:
-                async for chunk in subscription.chunks():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    subscription.mark_written()
-            except OSError:
-                # uvicorn raises ClientDisconnected (an OSError) on a send to a closed socket.
-                client_gone = True
-            finally:
-                watcher.cancel()
-            if not client_gone and subscription.subscriber.close_reason is not (
-                CloseReason.CLIENT_GONE
-            ):
-                with contextlib.suppress(OSError):
-                    await send({"type": "http.response.body", "body": b""})
-
-    @staticmethod
-    async def _watch_disconnect(receive: Receive, close: object) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                close(CloseReason.CLIENT_GONE)  # type: ignore[operator]
-                return
+            await _stream(subscription, receive, send)
 
     # -- publish -------------------------------------------------------------------
 
@@ -214,6 +193,93 @@ class MercureEndpoint:
             "headers": [(b"content-type", b"text/plain; charset=utf-8")],
         })
         await send({"type": "http.response.body", "body": stored.id.encode()})
+
+
+async def _stream(subscription: Subscription, receive: Receive, send: Send) -> None:
+    """Replay, then hand the connection to the hub's flushes until either side ends it.
+
+    While live, this task only waits for the client to go away; the hub writes through an
+    `AsgiSink`. When the hub closes the subscriber (slow reader, shutdown, token expiry) it
+    interrupts that wait by cancelling this task, then the response is ended cleanly.
+    """
+    sub = subscription.subscriber
+    try:
+        async for chunk in subscription.replay():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except OSError:  # uvicorn's ClientDisconnected: the client left during replay
+        subscription.close(CloseReason.CLIENT_GONE)
+        return
+    if sub.closed:
+        await _end(send)
+        return
+    task = asyncio.current_task()
+    assert task is not None
+
+    def interrupt() -> None:
+        task.cancel()
+
+    sub.on_close(interrupt)
+    subscription.go_live(AsgiSink(send, sub))
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                sub.on_close(None)
+                subscription.close(CloseReason.CLIENT_GONE)
+                return
+    except asyncio.CancelledError:
+        if sub.close_reason is None or task.cancelling() > 1:
+            raise  # a cancellation that is not ours: let it through
+        task.uncancel()
+    if sub.close_reason is not CloseReason.CLIENT_GONE:
+        await _end(send)
+
+
+async def _end(send: Send) -> None:
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.body", "body": b""})
+
+
+class AsgiSink:
+    """Writes a chunk with the ASGI `send` without a task switch when it can.
+
+    `send()` returns a coroutine; it is stepped right here. Under uvicorn a body write
+    finishes in that first step (the bytes go to the socket buffer) unless the connection
+    is paused by flow control, in which case the coroutine is resumed when the future it
+    waits on completes, and the subscriber is told when it has drained. One task switch per
+    delivery costs more than the write itself, so this is the hot path of fan-out.
+    """
+
+    __slots__ = ("_send", "_subscriber")
+
+    def __init__(self, send: Send, subscriber: Subscriber) -> None:
+        self._send = send
+        self._subscriber = subscriber
+
+    def write(self, chunk: bytes) -> bool:
+        coroutine = self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        return self._step(coroutine)  # type: ignore[arg-type]
+
+    def _step(self, coroutine: Coroutine[Any, Any, None]) -> bool:
+        try:
+            waiting_on = coroutine.send(None)
+        except StopIteration:
+            return True
+        except Exception as exc:  # ClientDisconnected (an OSError) or a closed response
+            log.debug("write to subscriber %s failed: %r", self._subscriber.id, exc)
+            self._subscriber.close(CloseReason.CLIENT_GONE)
+            return True
+        if isinstance(waiting_on, asyncio.Future):
+            # What asyncio.Task does with a future a coroutine yields.
+            waiting_on._asyncio_future_blocking = False
+            waiting_on.add_done_callback(lambda _: self._resume(coroutine))
+        else:  # a bare yield (sleep(0)): try again on the next loop iteration
+            asyncio.get_running_loop().call_soon(self._resume, coroutine)
+        return False
+
+    def _resume(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        if self._step(coroutine):
+            self._subscriber.drained()
 
 
 def update_from_form(form: list[tuple[str, str]]) -> Update:
