@@ -114,7 +114,7 @@ def serve(**values: Any) -> None:
             f"cannot listen on {settings.host}:{settings.port}: {exc}"
         ) from exc
     port = sock.getsockname()[1]
-    hub = app.state.hub
+    hub = app.hub
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -126,7 +126,7 @@ def serve(**values: Any) -> None:
 
     config = uvicorn.Config(
         app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-        log_level=settings.log_level, timeout_graceful_shutdown=5,
+        log_level=settings.log_level, timeout_graceful_shutdown=5, proxy_headers=False,
     )
     base = f"http://{settings.host}:{port}"
     click.echo(f"Tidings listening on {base}  (hub: {base}/.well-known/mercure)", err=True)

@@ -63,15 +63,36 @@ class Metrics:
 
 
 class Subscription:
-    """What `Hub.connect` yields: replay the history, then hand over a sink for live frames."""
+    """One subscriber's connection to the hub, as an async context manager.
 
-    def __init__(self, hub: Hub, subscriber: Subscriber, start: int, end: int, header_id: str):
+    Inside `async with`: replay the history, then hand over a sink for live frames. Leaving
+    it unregisters the subscriber (and publishes its presence event) whatever happened.
+    """
+
+    __slots__ = ("_hub", "_last_event_id_asked", "last_event_id", "replay_range", "subscriber")
+
+    def __init__(
+        self,
+        hub: Hub,
+        selectors: tuple[Selector, ...],
+        claims: Claims | None,
+        last_event_id: str | None,
+    ) -> None:
         self._hub = hub
-        self.subscriber = subscriber
-        self._replay_from = start
-        self._replay_to = end
+        self._last_event_id_asked = last_event_id
+        self.subscriber = Subscriber(
+            selectors, claims, limits=hub.config.limits, on_ready=hub._on_ready
+        )
+        self.replay_range = (0, 0)
         # Value for the Last-Event-ID / Mercure-Last-Event-ID response headers.
-        self.last_event_id = header_id
+        self.last_event_id = EARLIEST
+
+    async def __aenter__(self) -> Subscription:
+        await self._hub._open(self, self._last_event_id_asked)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._hub._close(self.subscriber)
 
     def close(self, reason: CloseReason) -> None:
         self.subscriber.close(reason)
@@ -79,12 +100,12 @@ class Subscription:
     async def replay(self) -> AsyncIterator[bytes]:
         """The visible updates of (L, H], in pages, each page one joined write."""
         sub = self.subscriber
-        cursor = self._replay_from
-        while cursor < self._replay_to and not sub.closed:
+        cursor, end = self.replay_range
+        while cursor < end and not sub.closed:
             page = await self._hub.transport.read_after(cursor, _REPLAY_PAGE)
             parts = []
             for update in page:
-                if update.seq > self._replay_to:
+                if update.seq > end:
                     break
                 cursor = update.seq
                 if self._hub.may_see(sub, update):
@@ -209,17 +230,20 @@ class Hub:
 
     # -- subscribing ---------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def connect(
+    def connect(
         self,
         selectors: Sequence[Selector],
         claims: Claims | None,
         last_event_id: str | None = None,
-    ) -> AsyncIterator[Subscription]:
+    ) -> Subscription:
+        """`async with hub.connect(selectors, claims, last_event_id) as subscription:`"""
         if not selectors:
             raise BadRequest("at least one topic selector (topic=, match=) is required")
         if len(selectors) > self.config.max_selectors:
             raise BadRequest(f"at most {self.config.max_selectors} selectors per subscription")
+        return Subscription(self, tuple(selectors), claims, last_event_id)
+
+    async def _open(self, subscription: Subscription, last_event_id: str | None) -> None:
         if self._stopping:
             raise ServiceUnavailable("the hub is shutting down")
         if len(self._subscribers) >= self.config.max_subscribers:
@@ -237,33 +261,36 @@ class Hub:
             else:
                 start, header_id = found.seq, found.id
 
-        # From here to the yield: no await, so no update can slip between H and registration.
-        sub = Subscriber(
-            tuple(selectors), claims, limits=self.config.limits, on_ready=self._on_ready
-        )
+        # From here to registration: no await, so no update can slip between H and it.
+        sub = subscription.subscriber
         end = self._last_seq
         if start is None:
             start = end
             header_id = self._last_id or EARLIEST
         sub.last_sent_seq = start
+        subscription.replay_range = (start, end)
+        subscription.last_event_id = header_id
         self._register(sub)
         self.metrics.connects += 1
-        log.info("subscriber %s connected (%d selectors)", sub.id, len(selectors))
-        try:
-            if self.config.subscriptions:
+        log.info("subscriber %s connected (%d selectors)", sub.id, len(sub.selectors))
+        if self.config.subscriptions:
+            try:
                 await self._announce(sub, active=True)
-            yield Subscription(self, sub, start, end, header_id)
-        finally:
-            sub.close(CloseReason.CLIENT_GONE)
-            self._unregister(sub)
-            self.metrics.disconnects += 1
-            if sub.close_reason is CloseReason.SLOW:
-                self.metrics.slow_disconnects += 1
-            log.info("subscriber %s disconnected (%s)", sub.id, sub.close_reason.value
-                     if sub.close_reason else "")
-            if self.config.subscriptions and not self._stopping:
-                with contextlib.suppress(TidingsError):
-                    await self._announce(sub, active=False)
+            except BaseException:
+                await self._close(sub)
+                raise
+
+    async def _close(self, sub: Subscriber) -> None:
+        sub.close(CloseReason.CLIENT_GONE)  # keeps an earlier reason
+        self._unregister(sub)
+        self.metrics.disconnects += 1
+        if sub.close_reason is CloseReason.SLOW:
+            self.metrics.slow_disconnects += 1
+        log.info("subscriber %s disconnected (%s)", sub.id,
+                 sub.close_reason.value if sub.close_reason else "")
+        if self.config.subscriptions and not self._stopping:
+            with contextlib.suppress(TidingsError):
+                await self._announce(sub, active=False)
 
     def _register(self, sub: Subscriber) -> None:
         self._subscribers.add(sub)

@@ -15,9 +15,9 @@ readers.
 from __future__ import annotations
 
 import enum
+import functools
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +35,10 @@ class Sink(Protocol):
         """Write without waiting. True when done; False when the write is still in
         progress, in which case the sink calls `Subscriber.drained()` once it is done."""
         ...
+
+
+# Subscribers with the same selectors (say, every reader of one room) share one Matcher.
+_matcher = functools.lru_cache(maxsize=4096)(Matcher)
 
 
 class State(enum.Enum):
@@ -96,13 +100,15 @@ class Subscriber:
     ) -> None:
         self.id = subscriber_id or f"urn:uuid:{uuid.uuid4()}"
         self.selectors = selectors
-        self.matcher = Matcher(selectors)
+        self.matcher = _matcher(selectors)
         self.claims = claims
         self.state = State.REPLAYING
         self.close_reason: CloseReason | None = None
         self._limits = limits
         # (seq, frame); seq 0 marks a frame outside history (a heartbeat).
-        self._frames: deque[tuple[int, bytes]] = deque()
+        # A list, not a deque: it is always drained whole, and an empty deque costs 600 B
+        # per idle subscriber.
+        self._frames: list[tuple[int, bytes]] = []
         self.buffered_bytes = 0
         # Set by the hub: called when a LIVE subscriber has frames and no flush pending.
         self._on_ready = on_ready

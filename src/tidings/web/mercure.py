@@ -124,7 +124,9 @@ class MercureEndpoint:
                 selectors.append(compile_selector(value, kind))
         return selectors
 
-    async def subscribe(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _subscribe_request(
+        self, scope: Scope
+    ) -> tuple[list[Selector], Claims | None, str | None]:
         parts = RequestParts(scope)
         selectors = self._selectors(parts)
         claims = claims_for(parts, self.subscriber_key)
@@ -135,6 +137,12 @@ class MercureEndpoint:
             or parts.query.get("lastEventID")
             or parts.query.get("last_event_id")
         )
+        return selectors, claims, last_event_id
+
+    async def subscribe(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Parsed in a helper so the request's decoded headers are not kept for the
+        # stream's whole life.
+        selectors, claims, last_event_id = self._subscribe_request(scope)
         async with self.hub.connect(selectors, claims, last_event_id) as subscription:
             headers = [
                 (b"content-type", b"text/event-stream; charset=utf-8"),
