@@ -96,10 +96,13 @@ def serve(**values: Any) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not (settings.jwt_key or settings.publisher_jwt_key or settings.subscriber_jwt_key):
+    # With no key configured, make one (kept in ./.tidings-dev-key) and print a
+    # ready token, so that a first run needs no setup and `tidings publish` just works.
+    dev = not (settings.jwt_key or settings.publisher_jwt_key or settings.subscriber_jwt_key)
+    if dev:
         if settings.jwt_algorithm != "HS256":
             raise click.ClickException("configure --jwt-key for asymmetric algorithms")
-        settings = dataclasses.replace(settings, jwt_key=_dev_key(), dev=True)
+        settings = dataclasses.replace(settings, jwt_key=_dev_key())
     try:
         app = create_app(settings)
     except Exception as exc:  # a bad URL or an unreadable file: one line, not a traceback
@@ -130,7 +133,7 @@ def serve(**values: Any) -> None:
     )
     base = f"http://{settings.host}:{port}"
     click.echo(f"Tidings listening on {base}  (hub: {base}/.well-known/mercure)", err=True)
-    if settings.dev:
+    if dev:
         token = mint(settings.publisher_key, publish=["*"], subscribe=["*"])
         click.echo(f"Development key saved in {DEV_KEY_FILE}. A publisher token:\n{token}",
                    err=True)
@@ -231,3 +234,13 @@ def subscribe(topics: tuple[str, ...], url: str, token_: str | None,
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+@main.command(add_help_option=False, context_settings={"ignore_unknown_options": True,
+                                                       "allow_interspersed_args": False})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Fan-out benchmark: N subscribers, M updates at R/s (see `tidings bench -h`)."""
+    from tidings.bench import main as bench_main
+
+    bench_main(list(args), prog_name="tidings bench")

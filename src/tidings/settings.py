@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
-__all__ = ["SETTINGS", "Setting", "Settings"]
+__all__ = ["SETTINGS", "Setting", "Settings", "markdown_table"]
 
 Kind = Literal["str", "int", "float", "bool", "list"]
 
@@ -51,7 +51,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_subscribers", 20_000, "int", "Most concurrent subscribers (then 503)."),
     Setting("subscriber_buffer", 1000, "int",
             "Frames buffered per subscriber before it is disconnected as too slow."),
-    Setting("dev", False, "bool", "Development mode: make a key and print a ready token."),
     Setting("log_level", "info", "str", "Log level: debug, info, warning, error."),
 )
 
@@ -77,7 +76,6 @@ class Settings:
     max_selectors: int = 100
     max_subscribers: int = 20_000
     subscriber_buffer: int = 1000
-    dev: bool = False
     log_level: str = "info"
 
     @property
@@ -97,3 +95,18 @@ def _check_table_matches_dataclass() -> None:
 
 
 _check_table_matches_dataclass()
+
+
+def markdown_table() -> str:
+    """The README's configuration table (tests check the README carries this exact text)."""
+    rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        flag = f"`--{s.name.replace('_', '-')}/--no-{s.name.replace('_', '-')}`" if (
+            s.kind == "bool") else f"`{s.flag}`"
+        default = "" if s.default in ("", None) else f"`{s.default}`"
+        rows.append(f"| {flag} | `{s.env}` | {default} | {s.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
