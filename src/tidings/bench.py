@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import resource
@@ -61,6 +62,7 @@ DEFAULT_KEY = "tidings-bench-key-0123456789abcdef0123456789abcdef"
 HUB_PATH = "/.well-known/mercure"
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _LISTENING = "listening on http://"
+_FORM = "application/x-www-form-urlencoded"
 
 
 # -- configuration and results ---------------------------------------------------------------
@@ -81,6 +83,7 @@ class BenchConfig:
     idle_s: float = 5.0
     window: int = 200
     settle_s: float = 0.5
+    warmup: int = 20
     topic_prefix: str = "bench/"
     server_args: tuple[str, ...] = ()
     quiet: bool = False
@@ -88,7 +91,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.subscribers < 1 or self.updates < 1 or self.topics < 1 or self.window < 1:
             raise ValueError("subscribers, updates, topics and window must be positive")
-        if self.rate < 0 or self.timeout_s <= 0 or self.idle_s <= 0 or self.settle_s < 0:
+        if (self.rate < 0 or self.timeout_s <= 0 or self.idle_s <= 0 or self.settle_s < 0
+                or self.warmup < 0):
             raise ValueError("rate, timeout, idle and settle must not be negative")
         if self.pid is not None and self.url is None:
             raise ValueError("--pid needs --url (the server that PID is listening on)")
@@ -141,6 +145,7 @@ class ServerStats:
     cpu_s_connect: float
     cpu_s_run: float
     cpu_util_run: float
+    cpu_wait_s_run: float
     cpu_us_per_delivery: float
 
 
@@ -176,6 +181,10 @@ class BenchResult:
     server: ServerStats | None
     loader_cpu_s: float
     loader_cpu_util: float
+    loader_cpu_us_per_delivery: float
+    publisher_cpu_s: float
+    loader_cpu_wait_s: float
+    run_wall_s: float
     stop_reason: str
     elapsed_s: float
     versions: dict[str, str] = field(default_factory=dict)
@@ -233,6 +242,14 @@ class ChunkedDecoder:
     def feed(self, data: bytes) -> bytes:
         if self._state == _DONE:
             return b""
+        if self._state == _SIZE and not self._buf:
+            # Fast path: a read holding exactly one whole chunk, as each SSE frame usually is.
+            eol = data.find(b"\r\n")
+            if 0 < eol <= 8 and data.endswith(b"\r\n"):
+                with contextlib.suppress(ValueError):
+                    size = int(data[:eol], 16)
+                    if size > 0 and len(data) == eol + size + 4 and data[:eol].isalnum():
+                        return data[eol + 2:-2]
         buf = self._buf
         buf += data
         out = bytearray()
@@ -303,6 +320,18 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def _wait_s(pid: int | str) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (schedstat field 2):
+    how much other processes on the machine held it back. 0 where unavailable."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError), open(
+                    f"/proc/{pid}/task/{task}/schedstat", "rb") as stat:
+                total += int(stat.read().split()[1])
+    return total / 1e9
+
+
 def _loader_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -368,6 +397,7 @@ class _Run:
         self.publish_done = False
         self.publish_end_ns = 0
         self.rtts_ns = array("q")
+        self.publisher_cpu_s = 0.0
         self.stopping = False
         self.readers: list[asyncio.Task[None]] = []
 
@@ -478,11 +508,26 @@ class _Run:
 
     # -- publisher ---------------------------------------------------------------------------
 
+    def publish_in_thread(self, token: str) -> None:
+        """Publish from a thread with its own event loop, so that the subscribers' loop, busy
+        parsing deliveries, does not hold POST responses unread (that would slow the publish
+        rate and inflate the round trip). The GIL is still shared: see ``run_bench``."""
+
+        async def go() -> None:
+            async with _publisher_client() as client:
+                await self.publish(client, token)
+
+        cpu_0 = time.thread_time()
+        try:
+            with asyncio.Runner(loop_factory=_new_loop) as runner:
+                runner.run(go())
+        finally:
+            self.publisher_cpu_s = time.thread_time() - cpu_0
+
     async def publish(self, client: httpx.AsyncClient, token: str) -> None:
         config = self.config
         url = f"http://{self.host}:{self.port}{self.base_path}{HUB_PATH}"
-        headers = {"Authorization": f"Bearer {token}",
-                   "Content-Type": "application/x-www-form-urlencoded"}
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": _FORM}
         topics = [quote(t, safe="") for t in self.topic_names]
         interval_ns = int(1e9 / config.rate) if config.rate > 0 else 0
         start = time.monotonic_ns()
@@ -491,10 +536,13 @@ class _Run:
             for seq in range(config.updates):
                 if self.stopping:
                     break
-                if interval_ns:
+                while interval_ns and not self.stopping:  # an absolute schedule: no drift
                     delay = start + seq * interval_ns - time.monotonic_ns()
-                    if delay > 0:
-                        await asyncio.sleep(delay / 1e9)
+                    if delay <= 0:
+                        break
+                    await asyncio.sleep(min(delay / 1e9, 0.1))
+                if self.stopping:
+                    break
                 sent = time.monotonic_ns()
                 if seq == 0:
                     self.first_publish_ns = sent
@@ -519,10 +567,47 @@ class _Run:
             self.publish_end_ns = time.monotonic_ns()
             self.publish_done = True
 
+    async def warm_up(self, client: httpx.AsyncClient, token: str, count: int) -> None:
+        """One subscriber on a topic of its own and ``count`` updates before measuring, so
+        first-use costs (lazy imports, caches) stay out of the numbers."""
+        url = f"http://{self.host}:{self.port}{self.base_path}{HUB_PATH}"
+        target = f"{self.base_path}{HUB_PATH}?topic=bench-warmup%2F0"
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write((f"GET {target} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                          "Accept: text/event-stream\r\n\r\n").encode())
+            async with asyncio.timeout(10):
+                status, chunked = self._check_head(await reader.readuntil(b"\r\n\r\n"))
+                if status != 200:
+                    raise click.ClickException(f"warm-up subscription answered {status}")
+                for seq in range(count):
+                    reply = await client.post(url, content=f"topic=bench-warmup%2F0&data={seq}",
+                                              headers={"Authorization": f"Bearer {token}",
+                                                       "Content-Type": _FORM})
+                    if reply.status_code != 200:
+                        raise click.ClickException(
+                            f"warm-up publish answered {reply.status_code}: {reply.text}")
+                decoder, parser, got = ChunkedDecoder() if chunked else None, EventParser(), 0
+                while got < count:
+                    data = await reader.read(1 << 16)
+                    if not data:
+                        break
+                    got += len(parser.feed(decoder.feed(data) if decoder else data))
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            raise click.ClickException(f"warm-up failed: {exc!r}") from exc
+        finally:
+            await _close(writer)
+
     def expected_total(self) -> int:
         k = self.config.topics
         per_topic = [sum(self.published_ok[t::k]) for t in range(k)]
         return sum(per_topic[s.topic] for s in self.subs if s.connected)
+
+
+def _publisher_client() -> httpx.AsyncClient:
+    """One keep-alive connection, one request in flight."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    return httpx.AsyncClient(timeout=10.0, limits=limits)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -645,6 +730,11 @@ async def _run_async(config: BenchConfig, url: str, pid: int | None,
         raise click.ClickException(f"only http:// URLs are supported: {url}")
     run = _Run(config, parts.hostname, parts.port or 80, parts.path.rstrip("/"))
 
+    token = encode_token(config.jwt_key, publish=["*"])
+    if config.warmup:
+        async with _publisher_client() as client:
+            await run.warm_up(client, token, config.warmup)
+
     sampler = _Sampler(pid) if pid is not None else None
     rss_base = sampler.sample() if sampler else 0
     cpu_base = _cpu_s(pid) if pid is not None else 0.0
@@ -666,42 +756,40 @@ async def _run_async(config: BenchConfig, url: str, pid: int | None,
     await asyncio.sleep(config.settle_s)
     rss_connected = sampler.sample() if sampler else 0
     cpu_connected = _cpu_s(pid) if pid is not None else 0.0
-    loader_cpu_0 = _loader_cpu_s()
+    wait_connected = _wait_s(pid) if pid is not None else 0.0
+    loader_cpu_0, loader_wait_0 = _loader_cpu_s(), _wait_s("self")
     wall_0 = time.monotonic()
 
-    token = encode_token(config.jwt_key, publish=["*"])
     stop_reason = "complete"
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
-        publisher = asyncio.create_task(run.publish(client, token))
-        while True:
-            await asyncio.sleep(0.02)
-            now = time.monotonic()
-            if run.publish_done and run.received_total >= run.expected_total():
-                break
-            if now >= deadline:
-                stop_reason = "timeout"
-                break
-            if not alive():
-                stop_reason = "server exited"
-                break
-            last = max(run.last_delivery_ns, run.publish_end_ns) / 1e9
-            if run.publish_done and now - last >= config.idle_s:
-                stop_reason = "idle"
-                break
-        run.stopping = True
-        publisher.cancel()
-        await asyncio.gather(publisher, return_exceptions=True)
+    publisher = asyncio.ensure_future(asyncio.to_thread(run.publish_in_thread, token))
+    while True:
+        await asyncio.sleep(0.02)
+        now = time.monotonic()
+        if run.publish_done and run.received_total >= run.expected_total():
+            break
+        if now >= deadline:
+            stop_reason = "timeout"
+            break
+        if not alive():
+            stop_reason = "server exited"
+            break
+        last = max(run.last_delivery_ns, run.publish_end_ns) / 1e9
+        if run.publish_done and now - last >= config.idle_s:
+            stop_reason = "idle"
+            break
+    run.stopping = True
+    await publisher  # within one POST timeout at worst
     wall_s = time.monotonic() - wall_0
     loader_cpu_s = _loader_cpu_s() - loader_cpu_0
+    loader_wait_s = _wait_s("self") - loader_wait_0
 
     server: ServerStats | None = None
     if sampler is not None and pid is not None:
         try:
-            cpu_end = _cpu_s(pid)
+            cpu_end, wait_end = _cpu_s(pid), _wait_s(pid)
             rss_end = sampler.sample()
         except (OSError, ProcessLookupError):
-            cpu_end, rss_end = cpu_connected, 0
+            cpu_end, wait_end, rss_end = cpu_connected, wait_connected, 0
         n = max(1, config.subscribers)
         cpu_run = cpu_end - cpu_connected
         server = ServerStats(
@@ -711,6 +799,7 @@ async def _run_async(config: BenchConfig, url: str, pid: int | None,
             rss_per_conn_peak_kb=round((sampler.peak_kb - rss_base) / n, 2),
             cpu_s_connect=round(cpu_connected - cpu_base, 3), cpu_s_run=round(cpu_run, 3),
             cpu_util_run=round(cpu_run / wall_s, 3) if wall_s > 0 else 0.0,
+            cpu_wait_s_run=round(wait_end - wait_connected, 3),
             cpu_us_per_delivery=round(cpu_run / run.received_total * 1e6, 2)
             if run.received_total else 0.0,
         )
@@ -759,6 +848,11 @@ async def _run_async(config: BenchConfig, url: str, pid: int | None,
         latency_ms=LatencySummary.of(run.latencies), server=server,
         loader_cpu_s=round(loader_cpu_s, 3),
         loader_cpu_util=round(loader_cpu_s / wall_s, 3) if wall_s > 0 else 0.0,
+        loader_cpu_us_per_delivery=round(
+            (loader_cpu_s - run.publisher_cpu_s) / run.received_total * 1e6, 2)
+        if run.received_total else 0.0,
+        publisher_cpu_s=round(run.publisher_cpu_s, 3),
+        loader_cpu_wait_s=round(loader_wait_s, 3), run_wall_s=round(wall_s, 3),
         stop_reason=stop_reason, elapsed_s=round(time.monotonic() - started, 3),
     )
 
@@ -772,9 +866,18 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def _cache_missing_sniffio() -> None:
+    # httpcore runs `import sniffio` on every request; when sniffio is not installed, each
+    # failed import searches sys.path again (~0.3 ms a POST). A None entry is Python's way to
+    # make such an import fail at once; nothing changes if sniffio is installed.
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+
 def run_bench(config: BenchConfig) -> BenchResult:
     """Run one benchmark (starting and stopping a hub unless ``config.url`` is set)."""
     raise_fd_limit(config.subscribers + 64)
+    _cache_missing_sniffio()
     server: _Server | None = None
     url, pid = config.url, config.pid
     if url is None:
@@ -786,11 +889,16 @@ def run_bench(config: BenchConfig) -> BenchResult:
         return server is None or server.running
 
     failed = True
+    # The publisher thread waits for the GIL whenever its POST answer arrives; let it have it
+    # after 1 ms instead of the default 5 ms.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)
     try:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             result = runner.run(_run_async(config, url, pid, alive))
         failed = False
     finally:
+        sys.setswitchinterval(switch_interval)
         if server is not None:
             crashed = not server.running
             server.stop()
@@ -849,9 +957,20 @@ def markdown_row(result: BenchResult) -> str:
 
 def _notes(result: BenchResult) -> list[str]:
     notes: list[str] = []
+    notes.append(f"loader: {result.loader_cpu_util:.0%} of a core; subscribers "
+                 f"{result.loader_cpu_us_per_delivery:.1f} µs CPU per delivery, publisher "
+                 f"{result.publisher_cpu_s:.2f} s CPU")
     if result.loader_cpu_util >= 0.85:
         notes.append(f"loader CPU {result.loader_cpu_util:.0%}: the Python loader is (nearly) "
                      "saturated, so deliveries/s and latency are bounded by it, not the hub")
+    wall = result.run_wall_s
+    waits = [("loader", result.loader_cpu_wait_s)]
+    if result.server is not None:
+        waits.append(("hub", result.server.cpu_wait_s_run))
+    for who, wait in waits:
+        if wall > 0 and wait / wall >= 0.1:
+            notes.append(f"the {who} waited {wait:.2f} s of {wall:.2f} s for a CPU (run queue): "
+                         "the machine was contended, so its utilisation understates its demand")
     if result.stop_reason != "complete":
         notes.append(f"stopped early: {result.stop_reason}")
     if result.closed_early:
@@ -888,6 +1007,8 @@ def _notes(result: BenchResult) -> list[str]:
               help="Subscribers connecting at once.")
 @click.option("--settle", "settle_s", type=click.FloatRange(min=0), default=0.5,
               show_default=True, help="Pause after connecting before the idle RSS sample.")
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Updates to a separate warm-up subscriber before measuring (0: none).")
 @click.option("--server-arg", "server_args", multiple=True,
               help="Extra argument for the started `tidings serve` (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the result as one JSON line.")
@@ -895,14 +1016,14 @@ def _notes(result: BenchResult) -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on standard error.")
 def command(subscribers: int, updates: int, rate: float, topics: int, url: str | None,
             pid: int | None, jwt_key: str, timeout_s: float, idle_s: float, window: int,
-            settle_s: float, server_args: tuple[str, ...], as_json: bool, no_header: bool,
-            quiet: bool) -> None:
+            settle_s: float, warmup: int, server_args: tuple[str, ...], as_json: bool,
+            no_header: bool, quiet: bool) -> None:
     """Fan-out benchmark: N subscribers, M updates at R/s; exits 3 unless exactly-once held."""
     try:
         config = BenchConfig(
             subscribers=subscribers, updates=updates, rate=rate, topics=topics, url=url,
             pid=pid, jwt_key=jwt_key, timeout_s=timeout_s, idle_s=idle_s, window=window,
-            settle_s=settle_s, server_args=server_args, quiet=quiet,
+            settle_s=settle_s, warmup=warmup, server_args=server_args, quiet=quiet,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -69,20 +69,25 @@ class SubscriberLimits:
 
 class Subscriber:
     __slots__ = (
+        "_backlog",
+        "_floor",
         "_frames",
-        "_limits",
+        "_max_bytes",
+        "_max_frames",
         "_on_close",
         "_on_ready",
         "buffered_bytes",
         "busy",
         "claims",
         "close_reason",
+        "closed",
         "connected_at",
         "dirty",
         "expires_at",
         "id",
         "last_sent_seq",
         "last_write",
+        "live",
         "matcher",
         "selectors",
         "sink",
@@ -103,12 +108,20 @@ class Subscriber:
         self.matcher = _matcher(selectors)
         self.claims = claims
         self.state = State.REPLAYING
+        # Mirrors of `state` as plain booleans: `offer` runs once per delivery.
+        self.live = False
+        self.closed = False
         self.close_reason: CloseReason | None = None
-        self._limits = limits
-        # (seq, frame); seq 0 marks a frame outside history (a heartbeat).
-        # A list, not a deque: it is always drained whole, and an empty deque costs 600 B
-        # per idle subscriber.
-        self._frames: list[tuple[int, bytes]] = []
+        self._max_frames = limits.max_frames
+        self._max_bytes = limits.max_bytes
+        # While replaying, live frames wait here with their seq, so that the ones replay
+        # also sent can be dropped when going live. Seq 0 marks a frame outside history.
+        self._backlog: list[tuple[int, bytes]] = []
+        # While live, frames to write. Lists, not deques: always drained whole, and an
+        # empty deque costs 600 B per idle subscriber.
+        self._frames: list[bytes] = []
+        # Live frames with a seq at or below this were sent already (by replay).
+        self._floor = 0
         self.buffered_bytes = 0
         # Set by the hub: called when a LIVE subscriber has frames and no flush pending.
         self._on_ready = on_ready
@@ -125,53 +138,51 @@ class Subscriber:
         if new not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"subscriber cannot go from {self.state} to {new}")
         self.state = new
-
-    @property
-    def closed(self) -> bool:
-        return self.state is State.CLOSED
+        self.live = new is State.LIVE
+        self.closed = new is State.CLOSED
 
     def offer(self, seq: int, frame: bytes) -> bool:
         """Queue a frame for the writer; False (and closed) when the buffer overflows."""
-        if self.state is State.CLOSED:
+        if self.closed:
             return False
-        frames = self._frames
-        if len(frames) >= self._limits.max_frames or (
-            self.buffered_bytes + len(frame) > self._limits.max_bytes
-        ):
+        size = self.buffered_bytes + len(frame)
+        if self.live:
+            if seq and seq <= self._floor:
+                return True  # replay sent it already
+            frames = self._frames
+            if len(frames) >= self._max_frames or size > self._max_bytes:
+                self.close(CloseReason.SLOW)
+                return False
+            frames.append(frame)
+            self.buffered_bytes = size
+            if not self.dirty and not self.busy:
+                self.dirty = True
+                self._on_ready(self)
+            return True
+        if len(self._backlog) >= self._max_frames or size > self._max_bytes:
             self.close(CloseReason.SLOW)
             return False
-        frames.append((seq, frame))
-        self.buffered_bytes += len(frame)
-        if not self.dirty and not self.busy and self.state is State.LIVE:
-            self.dirty = True
-            self._on_ready(self)
+        self._backlog.append((seq, frame))
+        self.buffered_bytes = size
         return True
 
-    @property
-    def pending(self) -> bool:
-        return bool(self._frames)
-
     def take(self) -> bytes:
-        """Everything buffered, joined into one write, minus frames already sent by replay."""
+        """Everything buffered, joined into one write."""
         frames = self._frames
         if not frames:
             return b""
-        last = self.last_sent_seq
-        parts: list[bytes] = []
-        for seq, frame in frames:
-            if seq == 0:
-                parts.append(frame)
-            elif seq > last:
-                parts.append(frame)
-                last = seq
+        chunk = frames[0] if len(frames) == 1 else b"".join(frames)
         frames.clear()
         self.buffered_bytes = 0
-        self.last_sent_seq = last
-        return b"".join(parts)
+        return chunk
 
     def go_live(self, sink: Sink) -> None:
         """Replay is done: from now on the hub's flushes write to `sink`."""
         self.sink = sink
+        self._floor = floor = self.last_sent_seq
+        backlog, self._backlog = self._backlog, []
+        self._frames = [frame for seq, frame in backlog if seq == 0 or seq > floor]
+        self.buffered_bytes = sum(len(frame) for frame in self._frames)
         self._move(State.LIVE)
         if self._frames and not self.dirty:
             self.dirty = True
@@ -180,17 +191,17 @@ class Subscriber:
     def flush(self, now: float) -> None:
         """Hand everything buffered to the sink in one write (called by the hub)."""
         self.dirty = False
-        if self.busy or self.sink is None or self.state is not State.LIVE:
+        if self.busy or not self.live:
             return
         chunk = self.take()
-        if chunk:
+        if chunk and self.sink is not None:
             self.last_write = now
             self.busy = not self.sink.write(chunk)
 
     def drained(self) -> None:
         """The sink finished a write that could not complete at once."""
         self.busy = False
-        if self._frames and not self.dirty and self.state is State.LIVE:
+        if self._frames and not self.dirty and self.live:
             self.dirty = True
             self._on_ready(self)
 
@@ -203,7 +214,8 @@ class Subscriber:
             return
         self._move(State.CLOSED)
         self.close_reason = reason
-        self._frames.clear()
+        self._frames = []
+        self._backlog = []
         self.buffered_bytes = 0
         callback, self._on_close = self._on_close, None
         if callback is not None:
