@@ -876,7 +876,10 @@ def _cache_missing_sniffio() -> None:
 
 def run_bench(config: BenchConfig) -> BenchResult:
     """Run one benchmark (starting and stopping a hub unless ``config.url`` is set)."""
-    raise_fd_limit(config.subscribers + 64)
+    fds = raise_fd_limit(config.subscribers + 64)
+    if fds < config.subscribers + 64:
+        _say(config, f"bench: the open-files limit is {fds}: not enough for "
+                     f"{config.subscribers} subscribers (raise the hard limit, `ulimit -Hn`)")
     _cache_missing_sniffio()
     server: _Server | None = None
     url, pid = config.url, config.pid

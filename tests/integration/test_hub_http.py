@@ -47,8 +47,10 @@ async def test_selectors_templates_match_and_urlpattern(hub: HubProcess) -> None
         template = [("topic", "https://example.com/books/{id}")]
         exact = [("match", "https://example.com/books/2")]
         pattern = [("matchURLPattern", "https://example.com/books/:id")]
+        template_1_0 = [("matchURITemplate", "https://example.com/books/{id}")]
         async with (
             open_stream(client, hub.url, template) as by_template,
+            open_stream(client, hub.url, template_1_0) as by_template_1_0,
             open_stream(client, hub.url, exact) as by_exact,
             open_stream(client, hub.url, pattern) as by_pattern,
         ):
@@ -56,6 +58,7 @@ async def test_selectors_templates_match_and_urlpattern(hub: HubProcess) -> None
                 await publish(client, hub.url, f"https://example.com/books/{n}", str(n))
             await publish(client, hub.url, "https://example.com/authors/1", "no")
             assert [e.data for e in await by_template.take(2)] == ["1", "2"]
+            assert [e.data for e in await by_template_1_0.take(2)] == ["1", "2"]
             assert [e.data for e in await by_pattern.take(2)] == ["1", "2"]
             assert (await by_exact.next()).data == "2"
             assert await by_exact.nothing_within(0.3)

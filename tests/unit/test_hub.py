@@ -187,11 +187,15 @@ async def test_writes_coalesce_under_load() -> None:
     await hub.stop()
 
 
-async def test_idempotent_append_on_id() -> None:
+async def test_retried_publish_is_stored_once_but_reused_ids_are_new_updates() -> None:
     hub = await make_hub()
     one = await hub.publish(Update.create(["/i"], "x", id="same"))
-    two = await hub.publish(Update.create(["/i"], "y", id="same"))
-    assert one.seq == two.seq and two.data == "x"
+    again = await hub.publish(Update.create(["/i"], "x", id="same"))
+    assert again.seq == one.seq
+    other = await hub.publish(Update.create(["/i"], "x", id="same", private=True))
+    assert other.seq > one.seq
+    found = await hub.transport.find("same")
+    assert found is not None and found.seq == other.seq
     await hub.stop()
 
 

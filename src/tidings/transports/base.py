@@ -24,8 +24,10 @@ class Transport(Protocol):
     async def append(self, update: Update) -> Update:
         """Store durably and return the update with its seq.
 
-        Idempotent on `update.id`: appending an id that is already stored returns the
-        stored update and publishes nothing new.
+        Idempotent: appending an update equal to the newest stored one with its id (same
+        topics, data, privacy, type, retry) returns the stored one and publishes nothing
+        new, so a retried publish is stored once. An id reused for a different update is
+        a new update (Mercure allows it); ids then resolve to their newest use.
         """
         ...
 
@@ -34,7 +36,7 @@ class Transport(Protocol):
         ...
 
     async def find(self, update_id: str) -> Update | None:
-        """The stored update with this id, or None if unknown or pruned."""
+        """The newest stored update with this id, or None if unknown or pruned."""
         ...
 
     async def first_seq(self) -> int:

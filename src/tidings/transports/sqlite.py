@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS updates (
     seq        INTEGER PRIMARY KEY,
-    id         TEXT NOT NULL UNIQUE,
+    id         TEXT NOT NULL,
     topics     TEXT NOT NULL,
     data       TEXT NOT NULL,
     private    INTEGER NOT NULL,
@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS updates (
     retry      INTEGER,
     created_at REAL NOT NULL,
     frame      BLOB NOT NULL
-)
+);
+CREATE INDEX IF NOT EXISTS updates_id ON updates (id, seq);
 """
 _COLUMNS = "seq, id, topics, data, private, type, retry, created_at, frame"
 # Prune in batches rather than on every append: one DELETE per this many appends.
@@ -68,7 +69,7 @@ class SQLiteTransport:
         if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM updates").fetchone()
         self._last_seq: int = int(row[0])
         self._appended: list[Update] = []
@@ -84,8 +85,9 @@ class SQLiteTransport:
         if self._closed:
             raise TransportClosed("the transport is closed")
         existing = await self.find(update.id)
-        if existing is not None:
-            return existing
+        if existing is not None and existing.frame == update.frame and (
+            existing.topics, existing.private) == (update.topics, update.private):
+            return existing  # the same update sent again (a retried publish): store it once
         stored = update.stored(self._last_seq + 1, time.time())
         self._db.execute(
             f"INSERT INTO updates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -130,7 +132,8 @@ class SQLiteTransport:
 
     async def find(self, update_id: str) -> Update | None:
         row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM updates WHERE id = ?", (update_id,)
+            f"SELECT {_COLUMNS} FROM updates WHERE id = ? ORDER BY seq DESC LIMIT 1",
+            (update_id,),
         ).fetchone()
         return None if row is None else _row_to_update(row)
 

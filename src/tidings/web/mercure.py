@@ -42,6 +42,8 @@ _SELECTOR_PARAMS: dict[str, SelectorKind] = {
     "matchExact": "match",
     "matchURLPattern": "urlpattern",
     "match_urlpattern": "urlpattern",
+    # A 1.0 draft's name for RFC 6570 templates, the same matching as 0.x `topic=`.
+    "matchURITemplate": "topic",
 }
 _MAX_SELECTOR_LENGTH = 2048
 
