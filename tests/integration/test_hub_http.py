@@ -296,3 +296,19 @@ async def test_health_metrics_openapi_index(hub: HubProcess) -> None:
         assert index.status_code == 200 and "Tidings" in index.text
 
 
+
+
+async def test_cors_for_browsers_on_another_origin(hub_factory: type[HubProcess]) -> None:
+    server = hub_factory("--cors-origins", "http://app.example").start()
+    origin = {"Origin": "http://app.example"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        preflight = await client.options(server.url + "/.well-known/mercure", headers={
+            **origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+        async with open_stream(client, server.url, [("topic", "/c")], origin) as stream:
+            assert stream.response.headers["access-control-allow-origin"] == "http://app.example"
+            assert stream.response.headers["access-control-allow-credentials"] == "true"
+            await publish(client, server.url, "/c", "cross-origin")
+            assert (await stream.next()).data == "cross-origin"

@@ -199,3 +199,15 @@ async def test_retried_publish_is_stored_once_but_reused_ids_are_new_updates() -
     await hub.stop()
 
 
+
+
+async def test_stream_closes_when_the_token_expires() -> None:
+    hub = await make_hub()
+    claims = decode_token(encode_token(KEY.key, subscribe=["*"], expires_in_s=0.2), KEY)
+    async with hub.connect(sel("/x"), claims) as sub:
+        await live(sub)
+        closed = asyncio.Event()
+        sub.subscriber.on_close(closed.set)
+        await asyncio.wait_for(closed.wait(), 5)
+        assert sub.subscriber.close_reason is CloseReason.TOKEN_EXPIRED
+    await hub.stop()

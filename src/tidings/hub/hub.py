@@ -69,7 +69,9 @@ class Subscription:
     it unregisters the subscriber (and publishes its presence event) whatever happened.
     """
 
-    __slots__ = ("_hub", "_last_event_id_asked", "last_event_id", "replay_range", "subscriber")
+    __slots__ = (
+        "_hub", "_last_event_id_asked", "expiry", "last_event_id", "replay_range", "subscriber"
+    )
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class Subscription:
             selectors, claims, limits=hub.config.limits, on_ready=hub._on_ready
         )
         self.replay_range = (0, 0)
+        self.expiry: asyncio.TimerHandle | None = None
         # Value for the Last-Event-ID / Mercure-Last-Event-ID response headers.
         self.last_event_id = EARLIEST
 
@@ -92,6 +95,8 @@ class Subscription:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
         await self._hub._close(self.subscriber)
 
     def close(self, reason: CloseReason) -> None:
@@ -271,6 +276,11 @@ class Hub:
         subscription.replay_range = (start, end)
         subscription.last_event_id = header_id
         self._register(sub)
+        if sub.expires_at is not None:
+            # The stream must not outlive the token that authorized it.
+            subscription.expiry = asyncio.get_running_loop().call_later(
+                max(0.0, sub.expires_at - time.time()), sub.close, CloseReason.TOKEN_EXPIRED
+            )
         self.metrics.connects += 1
         log.info("subscriber %s connected (%d selectors)", sub.id, len(sub.selectors))
         if self.config.subscriptions:
@@ -311,16 +321,14 @@ class Hub:
                     del self._by_topic[topic]
 
     async def _sweep(self) -> None:
-        """Heartbeats for idle streams and closing streams whose token expired."""
+        """Heartbeats for idle streams: one pass over all subscribers, not a timer each."""
         heartbeat_s = self.config.heartbeat_s
         interval = max(0.05, min(heartbeat_s / 4, 5.0))
         while True:
             await asyncio.sleep(interval)
-            now, wall = time.monotonic(), time.time()
+            now = time.monotonic()
             for sub in list(self._subscribers):
-                if sub.expires_at is not None and wall >= sub.expires_at:
-                    sub.close(CloseReason.TOKEN_EXPIRED)
-                elif sub.state is State.LIVE and now - sub.last_write >= heartbeat_s:
+                if sub.state is State.LIVE and now - sub.last_write >= heartbeat_s:
                     sub.last_write = now
                     sub.offer(0, HEARTBEAT)
 
