@@ -213,41 +213,52 @@ async def _stream(subscription: Subscription, receive: Receive, send: Send) -> N
     interrupts that wait by cancelling this task, then the response is ended cleanly.
     """
     sub = subscription.subscriber
-    try:
-        async for chunk in subscription.replay():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except OSError:  # uvicorn's ClientDisconnected: the client left during replay
-        subscription.close(CloseReason.CLIENT_GONE)
-        return
-    if sub.closed:
-        await _end(send)
-        return
     task = asyncio.current_task()
     assert task is not None
 
     def interrupt() -> None:
         task.cancel()
 
+    # In place from the start: a `send()` of the replay may wait forever on a client that
+    # stopped reading, and closing the subscriber (its buffer overflowed) must end that.
     sub.on_close(interrupt)
-    subscription.go_live(AsgiSink(send, sub))
     try:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                sub.on_close(None)
-                subscription.close(CloseReason.CLIENT_GONE)
-                return
+        try:
+            async for chunk in subscription.replay():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except OSError:  # uvicorn's ClientDisconnected: the client left during replay
+            sub.on_close(None)
+            subscription.close(CloseReason.CLIENT_GONE)
+            return
+        if not sub.closed:
+            subscription.go_live(AsgiSink(send, sub))
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    sub.on_close(None)
+                    subscription.close(CloseReason.CLIENT_GONE)
+                    return
     except asyncio.CancelledError:
         if sub.close_reason is None or task.cancelling() > 1:
             raise  # a cancellation that is not ours: let it through
         task.uncancel()
+    finally:
+        sub.on_close(None)
     if sub.close_reason is not CloseReason.CLIENT_GONE:
         await _end(send)
 
 
+# How long ending a response may wait for a backed-up connection to drain.
+_END_TIMEOUT_S = 1.0
+
+
 async def _end(send: Send) -> None:
-    with contextlib.suppress(OSError):
-        await send({"type": "http.response.body", "body": b""})
+    """End the response. A connection backed up by a reader that stopped reading may never
+    drain: give up then rather than pin the task (and the subscriber) forever. The server
+    then closes the connection (uvicorn logs that the response was not completed)."""
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(_END_TIMEOUT_S):
+            await send({"type": "http.response.body", "body": b""})
 
 
 class AsgiSink:
