@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ class Hub:
         # pattern selector ("*", templates, URL patterns) are checked one by one.
         self._by_topic: dict[str, set[Subscriber]] = {}
         self._wide: set[Subscriber] = set()
-        self._last_seq = transport.last_seq
+        self._last_seq = 0
         self._last_id: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -148,6 +149,8 @@ class Hub:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.transport.start()
+        self._last_seq = self.transport.last_seq
         last = await self.transport.read_after(self._last_seq - 1, 1) if self._last_seq else []
         self._last_id = last[0].id if last else None
         self._tasks = [
@@ -191,16 +194,22 @@ class Hub:
         return stored
 
     async def _fan_out(self) -> None:
+        backoff_s = 0.05
         while True:
             try:
                 async for update in self.transport.tail(self._last_seq):
                     self._deliver(update)
+                    backoff_s = 0.05
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("fan-out failed; restarting from seq %s", self._last_seq)
-                await asyncio.sleep(0.5)
+            except Exception as exc:
+                # The bus went away (a restart, a network blip): come back with backoff and
+                # resume from the last seq fanned out, so subscribers lose nothing.
+                log.warning("fan-out interrupted (%s); resuming after seq %s in %.2f s",
+                            exc, self._last_seq, backoff_s)
+                await asyncio.sleep(backoff_s * random.uniform(0.5, 1.5))
+                backoff_s = min(backoff_s * 2, 5.0)
 
     def _deliver(self, update: Update) -> None:
         seq, frame, topics = update.seq, update.frame, update.topics

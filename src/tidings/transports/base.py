@@ -16,13 +16,20 @@ __all__ = ["Transport"]
 
 
 class Transport(Protocol):
+    async def start(self) -> None:
+        """Connect (and create what storage needs). Called once, before anything else."""
+        ...
+
     @property
     def last_seq(self) -> int:
-        """The seq of the newest stored update (0 for an empty history)."""
+        """The seq of the newest update this process knows is stored (0: empty history).
+
+        Up to date after `start()` and after each `append()` by this process."""
         ...
 
     async def append(self, update: Update) -> Update:
-        """Store durably and return the update with its seq.
+        """Store durably and return the update with its seq (raises ServiceUnavailable
+        when the storage cannot be reached: a publish is never dropped silently).
 
         Idempotent: appending an update equal to the newest stored one with its id (same
         topics, data, privacy, type, retry) returns the stored one and publishes nothing
@@ -44,7 +51,9 @@ class Transport(Protocol):
         ...
 
     def tail(self, after: int) -> AsyncIterator[Update]:
-        """Every update committed after `after`, in seq order, forever."""
+        """Every update committed after `after` by any process sharing this transport, in
+        seq order, forever. Raises when the connection to the storage is lost; the caller
+        calls it again with the last seq it saw."""
         ...
 
     async def close(self) -> None: ...

@@ -77,6 +77,9 @@ class SQLiteTransport:
         self._appends_since_prune = 0
         self._closed = False
 
+    async def start(self) -> None:
+        pass  # the file is opened in __init__: nothing to connect to
+
     @property
     def last_seq(self) -> int:
         return self._last_seq
@@ -108,11 +111,14 @@ class SQLiteTransport:
         self._wakeup.set()
         self._appends_since_prune += 1
         if self._appends_since_prune >= _PRUNE_EVERY:
-            self.prune()
+            self._prune()
         return stored
 
-    def prune(self) -> int:
+    async def prune(self) -> int:
         """Apply retention (count, then age); returns how many updates were removed."""
+        return self._prune()
+
+    def _prune(self) -> int:
         self._appends_since_prune = 0
         removed = self._db.execute(
             "DELETE FROM updates WHERE seq <= ?", (self._last_seq - self._history_size,)
