@@ -12,7 +12,6 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
@@ -90,7 +89,7 @@ def serve(**values: Any) -> None:
     import uvicorn
 
     from tidings.hub.auth import encode_token as mint
-    from tidings.web.app import create_app
+    from tidings.web.app import SETTINGS_ENV, create_app
 
     settings = build_settings(values)
     logging.basicConfig(
@@ -103,6 +102,11 @@ def serve(**values: Any) -> None:
         if settings.jwt_algorithm != "HS256":
             raise click.ClickException("configure --jwt-key for asymmetric algorithms")
         settings = dataclasses.replace(settings, jwt_key=_dev_key())
+    if settings.workers > 1 and not settings.bus:
+        raise click.ClickException(
+            "--workers above 1 needs a shared bus (--bus redis://... or --bus postgresql://...):"
+            " each worker must see every update and the same history"
+        )
     try:
         app = create_app(settings)
     except Exception as exc:  # a bad URL or an unreadable file: one line, not a traceback
@@ -117,29 +121,33 @@ def serve(**values: Any) -> None:
             f"cannot listen on {settings.host}:{settings.port}: {exc}"
         ) from exc
     port = sock.getsockname()[1]
-    hub = app.hub
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            # Streams never end on their own; close them so uvicorn's graceful shutdown
-            # (and then the lifespan's hub.stop()) can proceed.
-            loop = asyncio.get_event_loop()
-            loop.call_soon_threadsafe(hub.begin_shutdown)
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(
-        app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-        log_level=settings.log_level, timeout_graceful_shutdown=5, proxy_headers=False,
-    )
+    options: dict[str, Any] = {
+        "loop": "uvloop", "http": "httptools", "lifespan": "on", "access_log": False,
+        "log_level": settings.log_level, "timeout_graceful_shutdown": 5,
+        "proxy_headers": False,
+    }
     base = f"http://{settings.host}:{port}"
-    click.echo(f"Tidings listening on {base}  (hub: {base}/.well-known/mercure)", err=True)
+    workers = f", {settings.workers} workers" if settings.workers > 1 else ""
+    click.echo(f"Tidings listening on {base}  (hub: {base}/.well-known/mercure{workers})",
+               err=True)
     if dev:
         token = mint(settings.publisher_key, publish=["*"], subscribe=["*"])
         click.echo(f"Development key saved in {DEV_KEY_FILE}. A publisher token:\n{token}",
                    err=True)
-    server = Server(config)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    server.run(sockets=[sock])
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown: exit 0 then.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    if settings.workers == 1:
+        uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    config = uvicorn.Config(
+        "tidings.web.app:app_from_environment", factory=True, workers=settings.workers,
+        **options,
+    )
+    Multiprocess(config, sockets=[sock]).run()
 
 
 @main.command()

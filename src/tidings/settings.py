@@ -3,6 +3,8 @@ and the README's configuration table are all generated from `SETTINGS`."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -32,6 +34,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", 8000, "int", "Port to listen on (0 picks a free one)."),
     Setting("db", "sqlite:///tidings.db", "str",
             "History database URL: sqlite:///FILE or memory://."),
+    Setting("bus", "", "str",
+            "Shared bus for several processes: redis://HOST:PORT/DB or postgresql://... "
+            "(history then lives there, not in --db)."),
+    Setting("workers", 1, "int", "Worker processes on the one port (more than 1 needs --bus)."),
     Setting("jwt_key", "", "str",
             "Key for publisher and subscriber JWTs: HMAC secret or PEM public key."),
     Setting("publisher_jwt_key", "", "str", "Key for publisher JWTs (overrides --jwt-key)."),
@@ -60,6 +66,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     db: str = "sqlite:///tidings.db"
+    bus: str = ""
+    workers: int = 1
     jwt_key: str = ""
     publisher_jwt_key: str = ""
     subscriber_jwt_key: str = ""
@@ -77,6 +85,20 @@ class Settings:
     max_subscribers: int = 20_000
     subscriber_buffer: int = 1000
     log_level: str = "info"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        values = json.loads(text)
+        values["cors_origins"] = tuple(values.get("cors_origins", ()))
+        return cls(**values)
+
+    @property
+    def history_url(self) -> str:
+        """Where updates are kept: the bus when there is one, else the database."""
+        return self.bus or self.db
 
     @property
     def publisher_key(self) -> str:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import os
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -27,9 +33,38 @@ from tidings.transports import open_transport
 from tidings.web.mercure import MercureEndpoint, RequestParts, claims_for
 from tidings.web.openapi import openapi_document
 
-__all__ = ["TidingsApp", "create_app"]
+__all__ = ["SETTINGS_ENV", "TidingsApp", "app_from_environment", "create_app"]
 
 STATIC = Path(__file__).parent / "static"
+# Worker processes read their settings from here (the parent process writes it).
+SETTINGS_ENV = "TIDINGS_SETTINGS_JSON"
+
+
+def _end_streams_on_signals(hub: Hub) -> None:
+    """On SIGTERM/SIGINT, end every stream, then let the server's own handler run.
+
+    SSE streams never end by themselves, so a server's graceful shutdown would wait for
+    them until its timeout. The server (uvicorn, in each worker process too) has installed
+    its handlers before the lifespan starts; ours wraps them and is dropped when the server
+    restores the original handlers on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals are only delivered to the main thread
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(hub.begin_shutdown)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
+def app_from_environment() -> TidingsApp:
+    """The app factory worker processes use (`uvicorn --factory`)."""
+    return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))
 
 
 def _key(settings: Settings, key: str) -> KeyConfig | None:
@@ -45,7 +80,7 @@ def _key(settings: Settings, key: str) -> KeyConfig | None:
 
 def create_app(settings: Settings) -> TidingsApp:
     transport = open_transport(
-        settings.db,
+        settings.history_url,
         history_size=settings.history_size,
         history_max_age_s=settings.history_max_age,
     )
@@ -79,6 +114,7 @@ def create_app(settings: Settings) -> TidingsApp:
             "subscribers": hub.subscriber_count,
             "last_seq": hub.transport.last_seq,
             "uptime_s": round(time.time() - started, 1),
+            "pid": os.getpid(),
         })
 
     async def metrics(request: Request) -> Response:
@@ -119,6 +155,7 @@ def create_app(settings: Settings) -> TidingsApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        _end_streams_on_signals(hub)
         # Everything imported and built so far lives as long as the process. Keeping it
         # out of the cyclic GC's sight makes a full collection (which otherwise stalls
         # every stream for tens of milliseconds) walk only what connections allocate.

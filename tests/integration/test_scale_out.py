@@ -1,0 +1,234 @@
+"""Several Tidings processes on one bus: fan-out across them, failover without loss,
+a bus restart, workers on one port, and nginx in front."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import HubProcess, open_stream, publish
+from tests.services import POSTGRES_URL, REDIS_URL, require
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["redis", "postgres"])
+def bus(request: pytest.FixtureRequest) -> Iterator[str]:
+    base = require(REDIS_URL if request.param == "redis" else POSTGRES_URL)
+    yield f"{base}?namespace=t{uuid.uuid4().hex[:12]}"
+
+
+def healthz(url: str) -> dict[str, object]:
+    return httpx.get(url + "/healthz", timeout=5).json()  # type: ignore[no-any-return]
+
+
+async def test_publish_on_one_process_reaches_the_others(
+    hub_factory: type[HubProcess], bus: str
+) -> None:
+    a, b, c = (hub_factory("--bus", bus).start() for _ in range(3))
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with (
+            open_stream(client, b.url, [("topic", "/x")]) as on_b,
+            open_stream(client, c.url, [("topic", "/x")]) as on_c,
+        ):
+            ids = [(await publish(client, a.url, "/x", str(i))).text for i in range(20)]
+            for stream in (on_b, on_c):
+                events = await stream.take(20)
+                assert [e.id for e in events] == ids
+        # History is shared: any process replays what another acknowledged.
+        async with open_stream(client, c.url, [("topic", "/x")],
+                               {"Last-Event-ID": ids[9]}) as late:
+            assert [e.id for e in await late.take(10)] == ids[10:]
+
+
+async def test_subscriber_of_a_killed_process_resumes_on_another(
+    hub_factory: type[HubProcess], bus: str
+) -> None:
+    a, b, c = (hub_factory("--bus", bus).start() for _ in range(3))
+    total = 300
+    received: list[str] = []
+    acked: list[str] = []
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def publisher() -> None:
+            for i in range(total):
+                reply = await publish(client, b.url, "/k", str(i))
+                assert reply.status_code == 200
+                acked.append(reply.text)
+                await asyncio.sleep(0.002)
+
+        task = asyncio.create_task(publisher())
+        last = None
+        try:
+            async with open_stream(client, a.url, [("topic", "/k")]) as on_a:
+                for event in await on_a.take(50, timeout_s=20):
+                    received.append(event.data)
+                    last = event.id
+                a.stop(signal.SIGKILL)  # mid-stream
+                try:
+                    while True:
+                        event = await on_a.next(timeout_s=5)
+                        received.append(event.data)
+                        last = event.id
+                except (httpx.HTTPError, StopAsyncIteration, TimeoutError):
+                    pass
+        except httpx.HTTPError:
+            pass
+        await task
+        assert last is not None
+        async with open_stream(client, c.url, [("topic", "/k")],
+                               {"Last-Event-ID": last}) as on_c:
+            for event in await on_c.take(total - len(received), timeout_s=20):
+                received.append(event.data)
+            assert await on_c.nothing_within(0.3)
+    assert received == [str(i) for i in range(total)]
+    assert len(acked) == total
+
+
+def _redis_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["redis-cli", "-h", "127.0.0.1", *args], capture_output=True,
+                          text=True, timeout=10)
+
+
+def _start_redis() -> None:
+    subprocess.run(
+        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
+         "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
+         "--logfile", "/var/log/redis/ci.log"], check=True, timeout=10)
+    deadline = time.monotonic() + 10
+    while _redis_cli("ping").stdout.strip() != "PONG":
+        if time.monotonic() > deadline:
+            raise RuntimeError("redis did not come back")
+        time.sleep(0.05)
+
+
+async def test_redis_restart_mid_stream_loses_nothing_acknowledged(
+    hub_factory: type[HubProcess],
+) -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server is not installed here, so it cannot be restarted")
+    bus = f"{require(REDIS_URL)}?namespace=t{uuid.uuid4().hex[:12]}"
+    a, b = hub_factory("--bus", bus).start(), hub_factory("--bus", bus).start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with open_stream(client, a.url, [("topic", "/r")]) as stream:
+            acked = [(await publish(client, b.url, "/r", f"before {i}")).text for i in range(20)]
+            assert [e.id for e in await stream.take(20)] == acked
+            _redis_cli("shutdown", "nosave")
+            try:
+                down = await publish(client, b.url, "/r", "while down")
+                assert down.status_code == 503
+                assert down.headers.get("retry-after")
+            finally:
+                _start_redis()
+            after: list[str] = []
+            deadline = time.monotonic() + 20
+            while len(after) < 20 and time.monotonic() < deadline:
+                reply = await publish(client, b.url, "/r", f"after {len(after)}")
+                if reply.status_code == 200:
+                    after.append(reply.text)
+                else:
+                    assert reply.status_code == 503
+                    await asyncio.sleep(0.1)
+            assert len(after) == 20
+            events = await stream.take(20, timeout_s=20)
+            assert [e.id for e in events] == after
+
+
+def test_workers_need_a_bus(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tidings", "serve", "--workers", "2", "--port", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")},
+    )
+    assert result.returncode != 0
+    assert "needs a shared bus" in result.stderr
+
+
+async def test_workers_share_one_port(hub_factory: type[HubProcess]) -> None:
+    bus = f"{require(REDIS_URL)}?namespace=t{uuid.uuid4().hex[:12]}"
+    server = hub_factory("--bus", bus, "--workers", "2").start()
+    pids = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < 2 and time.monotonic() < deadline:
+        with httpx.Client() as fresh:  # a new connection each time
+            pids.add(fresh.get(server.url + "/healthz").json()["pid"])
+    assert len(pids) == 2
+    async with httpx.AsyncClient(timeout=10) as client, contextlib.AsyncExitStack() as stack:
+        # Each open stream holds its own connection; the kernel spreads them over workers.
+        streams = [await stack.enter_async_context(
+            open_stream(client, server.url, [("topic", "/w")])) for _ in range(8)]
+        reply = await publish(client, server.url, "/w", "to all")
+        for stream in streams:
+            assert (await stream.next()).id == reply.text
+    server.stop()
+    assert server.proc is not None and server.proc.returncode == 0
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+async def test_nginx_in_front_of_two_processes(
+    hub_factory: type[HubProcess], tmp_path: Path
+) -> None:
+    if not os.path.exists(NGINX):
+        if os.environ.get("CI") == "true":
+            pytest.fail("nginx is not installed (apt-get install nginx)")
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    bus = f"{require(REDIS_URL)}?namespace=t{uuid.uuid4().hex[:12]}"
+    a, b = hub_factory("--bus", bus).start(), hub_factory("--bus", bus).start()
+    from tests.integration.test_cli import free_port
+
+    listen = free_port()
+    template = (Path(__file__).parents[2] / "deploy" / "nginx.conf").read_text()
+    config = template.format_map({
+        "prefix": str(tmp_path), "port_a": a.url.rsplit(":", 1)[1],
+        "port_b": b.url.rsplit(":", 1)[1], "listen_port": listen,
+    })
+    (tmp_path / "nginx.conf").write_text(config)
+    nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                              "-g", "daemon off;"], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{listen}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        async with httpx.AsyncClient(timeout=10) as client:
+            # EventSource behaviour: stream, and on a drop reconnect with Last-Event-ID.
+            received: list[str] = []
+            last = None
+            async with open_stream(client, url, [("topic", "/n")]) as stream:
+                ids = [(await publish(client, url, "/n", str(i))).text for i in range(10)]
+                for event in await stream.take(10):
+                    received.append(event.id or "")
+                    last = event.id
+            assert received == ids
+            # The process behind the stream dies; the reconnect lands on the survivor.
+            a.stop(signal.SIGKILL)
+            more = [(await publish(client, url, "/n", str(i))).text for i in range(10, 15)]
+            async with open_stream(client, url, [("topic", "/n")],
+                                   {"Last-Event-ID": last or ""}) as stream:
+                assert stream.response.headers["x-accel-buffering"] == "no"
+                assert [e.id for e in await stream.take(5)] == more
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)
+        if nginx.stderr is not None:
+            nginx.stderr.close()
