@@ -47,10 +47,12 @@ class HubConfig:
     max_selectors: int = 100
     subscriptions: bool = False
     limits: SubscriberLimits = field(default_factory=SubscriberLimits)
-    # Under sustained load, wait this long after a flush before the next one, so that each
-    # write carries several updates (one write costs far more than one more frame in it).
-    # When the hub is idle a flush happens at once; latency grows by at most this much.
+    # Under sustained load, wait after a flush before the next one, so that each write
+    # carries several updates (one write costs far more than one more frame in it): at
+    # least `flush_gap_s`, and as long as the last flush took, up to `max_flush_gap_s`.
+    # When the hub is idle a flush happens at once.
     flush_gap_s: float = 0.002
+    max_flush_gap_s: float = 0.05
 
 
 @dataclass(slots=True)
@@ -145,6 +147,7 @@ class Hub:
         self._ready: list[Subscriber] = []
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush_end = 0.0
+        self._next_flush_gap_s = self.config.flush_gap_s
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -347,20 +350,25 @@ class Hub:
         self._ready.append(sub)
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
-            delay = self._last_flush_end + self.config.flush_gap_s - loop.time()
+            delay = self._last_flush_end + self._next_flush_gap_s - time.monotonic()
             if delay > 0:
                 self._flush_handle = loop.call_later(delay, self._flush)
             else:
                 self._flush_handle = loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
         self._flush_handle = None
         ready, self._ready = self._ready, []
-        now = time.monotonic()
+        start = time.monotonic()
         for sub in ready:
-            sub.flush(now)
-        self._last_flush_end = loop.time()
+            sub.flush(start)
+        end = time.monotonic()
+        # A flush that took long means the hub is near its limit: gathering more per write
+        # now costs less latency than the syscalls it saves.
+        self._next_flush_gap_s = min(
+            max(self.config.flush_gap_s, end - start), self.config.max_flush_gap_s
+        )
+        self._last_flush_end = end
 
     # -- presence (active subscriptions) ---------------------------------------------
 

@@ -24,4 +24,16 @@ def open_transport(
         return SQLiteTransport(
             path, history_size=history_size, history_max_age_s=history_max_age_s
         )
+    if scheme in ("redis", "rediss"):
+        from tidings.transports.redis import RedisTransport
+
+        return RedisTransport(
+            url, history_size=history_size, history_max_age_s=history_max_age_s
+        )
+    if scheme in ("postgresql", "postgres"):
+        from tidings.transports.postgres import PostgresTransport
+
+        return PostgresTransport.from_url(
+            url, history_size=history_size, history_max_age_s=history_max_age_s
+        )
     raise BadRequest(f"unsupported database URL {url!r}: use sqlite:///FILE or memory://")

@@ -1,0 +1,337 @@
+"""The shared bus on Redis Streams: every process on one namespace sees one history.
+
+Each update is an entry of the stream `NAME:updates`; its entry id `ms-n` is the update's
+position, so `seq` is the same on every process. Appends run as one Lua script, which makes
+"store once per retried publish" and the id index atomic: the hash `NAME:ids` maps an
+update id to the entry of its newest use, and the sorted set `NAME:id-ages` scores each id
+by that entry's millisecond so the index is trimmed along with the stream. `tail` follows
+the stream with XREAD BLOCK on a pool of its own, so a blocked read never holds up an
+append; when the connection drops it raises and the hub resumes from its last seq.
+Retention: XADD's `MAXLEN ~` (count) and `XTRIM MINID ~` (age) on every append, both
+exact in `prune()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import RedisError
+
+from tidings.errors import BadRequest, ServiceUnavailable, TransportClosed
+from tidings.hub.update import Update
+
+__all__ = ["RedisTransport", "entry_id_from_seq", "seq_from_entry_id"]
+
+log = logging.getLogger(__name__)
+
+# seq = (ms << 20) | n for the entry id "ms-n". n counts the entries added within one
+# millisecond (or while the server clock stands behind the newest id): a single Redis
+# manages a few hundred XADDs per millisecond, far from 2**20 (about a million). The append
+# script also moves an entry whose n would reach 2**20 to the next millisecond, so even a
+# clock stepped back under heavy load cannot break the encoding. seq stays below 2**63.
+_N_BITS = 20
+_N_LIMIT = 1 << _N_BITS
+
+# XREAD BLOCK returns at least this often; the tail's socket timeout is set above it, so a
+# peer that vanished without closing the connection (a network partition) is noticed.
+_BLOCK_MS = 5000
+_TAIL_SOCKET_TIMEOUT_S = _BLOCK_MS / 1000 + 5.0
+_TAIL_BATCH = 1000
+# Redis runs commands one at a time, so more connections per process add nothing but load
+# on the server; a burst of publishes waits for a free one (then 503 after the timeout).
+_MAX_CONNECTIONS = 32
+_POOL_WAIT_S = 5.0
+# Index entries dropped per append at most; `prune()` drops all. MAXLEN ~ removes whole
+# stream nodes (100 entries by default), so this keeps up while bounding each script's work.
+_INDEX_TRIM_BUDGET = 1024
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+# Commands fail fast when Redis is down, so a publish answers 503 instead of hanging: at
+# once when the connection is refused, after three socket timeouts when the server is
+# silent. Retrying an append is safe: the script stores a repeated update once.
+_CLIENT_DEFAULTS: dict[str, object] = {
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": 5.0,
+    "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), 2),
+}
+
+# KEYS: stream, ids hash, id-ages sorted set. Drops index entries of updates older than the
+# stream's first entry (at millisecond granularity: an id left pointing at a removed entry
+# of that same millisecond resolves to nothing, which is what a pruned id must do).
+_TRIM_INDEX = """
+local function trim_index(budget)
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  local bound = '+inf'
+  if #first > 0 then bound = '(' .. string.match(first[1][1], '^(%d+)') end
+  while budget > 0 do
+    local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', bound, 'LIMIT', 0,
+                             math.min(budget, 512))
+    if #stale == 0 then return end
+    redis.call('HDEL', KEYS[2], unpack(stale))
+    redis.call('ZREM', KEYS[3], unpack(stale))
+    budget = budget - #stale
+  end
+end
+"""
+
+# ARGV: id, topics, data, private, type, retry, created_at, frame, maxlen, max_age_ms,
+# index trim budget. Returns {entry id} for a new entry, {entry id, fields} for a repeat.
+_APPEND = _TRIM_INDEX + """
+local previous = redis.call('HGET', KEYS[2], ARGV[1])
+if previous then
+  local found = redis.call('XRANGE', KEYS[1], previous, previous)
+  if #found == 1 then
+    local fields, stored = found[1][2], {}
+    for i = 1, #fields, 2 do stored[fields[i]] = fields[i + 1] end
+    if stored['frame'] == ARGV[8] and stored['topics'] == ARGV[2]
+        and stored['private'] == ARGV[4] then
+      return {previous, fields}
+    end
+  end
+end
+local fields = {'id', ARGV[1], 'topics', ARGV[2], 'data', ARGV[3], 'private', ARGV[4],
+                'type', ARGV[5], 'retry', ARGV[6], 'created_at', ARGV[7], 'frame', ARGV[8]}
+local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9], '*', unpack(fields))
+local ms, n = string.match(entry, '^(%d+)-(%d+)$')
+if tonumber(n) >= """ + str(_N_LIMIT) + """ then
+  -- seq keeps 20 bits for n: take the next millisecond instead (atomic, so unseen).
+  redis.call('XDEL', KEYS[1], entry)
+  ms = string.format('%.0f', tonumber(ms) + 1)
+  entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9], ms .. '-0', unpack(fields))
+end
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+redis.call('ZADD', KEYS[3], ms, ARGV[1])
+local max_age_ms = tonumber(ARGV[10])
+if max_age_ms > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', tonumber(ms) - max_age_ms))
+end
+trim_index(tonumber(ARGV[11]))
+return {entry}
+"""
+
+# ARGV: maxlen, max_age_ms. Exact trims; age measured on the server's clock, like the ids.
+_PRUNE = _TRIM_INDEX + """
+local removed = redis.call('XTRIM', KEYS[1], 'MAXLEN', ARGV[1])
+local max_age_ms = tonumber(ARGV[2])
+if max_age_ms > 0 then
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  removed = removed + redis.call('XTRIM', KEYS[1], 'MINID',
+                                 string.format('%.0f', now_ms - max_age_ms))
+end
+trim_index(math.huge)
+return removed
+"""
+
+# ARGV: id. Returns {entry id, fields} of the newest use of the id, or nil.
+_FIND = """
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if not entry then return nil end
+local found = redis.call('XRANGE', KEYS[1], entry, entry)
+if #found == 0 then return nil end
+return found[1]
+"""
+
+
+def seq_from_entry_id(entry_id: str | bytes) -> int:
+    """The seq of a stream entry id `ms-n`."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, n = text.partition("-")
+    low = int(n)
+    if low >= _N_LIMIT:
+        raise ValueError(f"stream entry {text} was not written by tidings (n >= 2**20)")
+    return (int(ms) << _N_BITS) | low
+
+
+def entry_id_from_seq(seq: int) -> str:
+    """The stream entry id `ms-n` of a seq."""
+    return f"{seq >> _N_BITS}-{seq & (_N_LIMIT - 1)}"
+
+
+def _to_update(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Update:
+    type_ = fields[b"type"].decode()
+    retry = fields[b"retry"]
+    return Update(
+        topics=tuple(json.loads(fields[b"topics"])),
+        data=fields[b"data"].decode(),
+        id=fields[b"id"].decode(),
+        private=fields[b"private"] == b"1",
+        type=type_ or None,
+        retry=int(retry) if retry else None,
+        seq=seq_from_entry_id(entry_id),
+        created_at=float(fields[b"created_at"]),
+        frame=bytes(fields[b"frame"]),
+    )
+
+
+def _from_script(reply: Sequence[object]) -> Update:
+    """An update from a script's `{entry id, {field, value, ...}}`."""
+    entry_id, flat = cast(bytes, reply[0]), cast(list[bytes], reply[1])
+    return _to_update(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """The URL for redis-py (without `namespace`) and the namespace."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    namespace = next((v for k, v in query if k == "namespace"), "tidings")
+    if not _NAMESPACE.fullmatch(namespace):
+        raise BadRequest(f"a Redis namespace is 1-100 of A-Z a-z 0-9 _ . : - (not {namespace!r})")
+    rest = urlencode([(k, v) for k, v in query if k != "namespace"])
+    return urlunsplit(parts._replace(query=rest)), namespace
+
+
+class RedisTransport:
+    """History and fan-out on one Redis stream shared by every process of a namespace."""
+
+    def __init__(
+        self, url: str, *, history_size: int = 100_000, history_max_age_s: float = 0.0
+    ) -> None:
+        redis_url, self.namespace = _split_url(url)
+        # MAXLEN 0 would remove the entry just added before any tail could read it.
+        self._history_size = max(history_size, 1)
+        self._max_age_ms = max(int(history_max_age_s * 1000), 0)
+        self._keys = [f"{self.namespace}:{key}" for key in ("updates", "ids", "id-ages")]
+        self._stream = self._keys[0]
+        # No I/O here: redis-py connects on the first command.
+        self._client = Redis.from_pool(BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=_MAX_CONNECTIONS,
+            timeout=_POOL_WAIT_S,
+            client_name=f"tidings:{self.namespace}",
+            **_CLIENT_DEFAULTS,
+        ))
+        # Blocking reads get a pool of their own, with a socket timeout above the BLOCK time
+        # and no retries: a lost connection ends the tail and the hub resumes it.
+        tail_pool = ConnectionPool.from_url(redis_url, **_CLIENT_DEFAULTS)
+        tail_pool.connection_kwargs.update(
+            socket_timeout=_TAIL_SOCKET_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+            client_name=f"tidings:{self.namespace}:tail",
+        )
+        self._tail_client = Redis.from_pool(tail_pool)
+        self._append_script = self._client.register_script(_APPEND)
+        self._prune_script = self._client.register_script(_PRUNE)
+        self._find_script = self._client.register_script(_FIND)
+        self._last_seq = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def _bus(self) -> Iterator[None]:
+        """Redis failures become ServiceUnavailable (503), never a silent drop."""
+        if self._closed:
+            raise TransportClosed("the transport is closed")
+        try:
+            yield
+        except RedisError as exc:
+            if self._closed:
+                raise TransportClosed("the transport is closed") from exc
+            log.warning("redis bus %s unavailable: %s", self.namespace, exc)
+            raise ServiceUnavailable("the bus is unavailable") from exc
+
+    async def start(self) -> None:
+        with self._bus():
+            newest = cast(
+                list[tuple[bytes, object]], await self._client.xrevrange(self._stream, count=1)
+            )
+        self._last_seq = seq_from_entry_id(newest[0][0]) if newest else 0
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    async def append(self, update: Update) -> Update:
+        created_at = time.time()
+        with self._bus():
+            reply = cast(list[object], await self._append_script(keys=self._keys, args=[
+                update.id,
+                json.dumps(update.topics),
+                update.data,
+                "1" if update.private else "0",
+                update.type or "",
+                "" if update.retry is None else str(update.retry),
+                repr(created_at),
+                update.frame,
+                self._history_size,
+                self._max_age_ms,
+                _INDEX_TRIM_BUDGET,
+            ]))
+        if len(reply) == 2:
+            return _from_script(reply)  # the same update sent again: stored once
+        stored = update.stored(seq_from_entry_id(cast(bytes, reply[0])), created_at)
+        # Concurrent appends may complete out of order: last_seq only moves forward.
+        self._last_seq = max(self._last_seq, stored.seq)
+        return stored
+
+    async def prune(self) -> int:
+        """Apply retention (count, then age) exactly; returns how many updates were removed."""
+        with self._bus():
+            removed = await self._prune_script(
+                keys=self._keys, args=[self._history_size, self._max_age_ms]
+            )
+        return int(cast(int, removed))
+
+    async def read_after(self, seq: int, limit: int) -> list[Update]:
+        start = f"({entry_id_from_seq(seq)}" if seq > 0 else "-"
+        with self._bus():
+            entries = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self._client.xrange(self._stream, min=start, count=limit),
+            )
+        return [_to_update(entry_id, fields) for entry_id, fields in entries]
+
+    async def find(self, update_id: str) -> Update | None:
+        with self._bus():
+            reply = await self._find_script(keys=self._keys, args=[update_id])
+        return None if reply is None else _from_script(cast(list[object], reply))
+
+    async def first_seq(self) -> int:
+        with self._bus():
+            oldest = cast(
+                list[tuple[bytes, object]], await self._client.xrange(self._stream, count=1)
+            )
+        return seq_from_entry_id(oldest[0][0]) if oldest else 0
+
+    async def tail(self, after: int) -> AsyncIterator[Update]:
+        cursor = entry_id_from_seq(max(after, 0))
+        while not self._closed:
+            try:
+                with self._bus():
+                    reply = cast(
+                        list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
+                        await self._tail_client.xread(
+                            {self._stream: cursor}, count=_TAIL_BATCH, block=_BLOCK_MS
+                        ),
+                    )
+            except TransportClosed:
+                return  # close() cut the blocked read: the end of the tail, not a failure
+            for _stream, entries in reply:
+                for entry_id, fields in entries:
+                    update = _to_update(entry_id, fields)
+                    cursor = entry_id.decode()
+                    self._last_seq = max(self._last_seq, update.seq)
+                    yield update
+
+    async def destroy(self) -> None:
+        """Delete every key of this namespace (its whole history)."""
+        with self._bus():
+            await self._client.delete(*self._keys)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Closing the pools also ends a tail blocked in XREAD (it then returns).
+        await self._client.aclose()
+        await self._tail_client.aclose()
