@@ -1,4 +1,4 @@
-"""`tidings serve | token | publish | subscribe`."""
+"""`tidings serve | token | publish | subscribe | watch`."""
 
 from __future__ import annotations
 
@@ -242,6 +242,39 @@ def subscribe(topics: tuple[str, ...], url: str, token_: str | None,
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+@main.command()
+@click.argument("table")
+@click.option("--db", default="sqlite:///tidings.db", envvar="TIDINGS_DB", show_default=True,
+              help="The database with the table (the file `tidings serve --db` uses).")
+@click.option("--key", default="",
+              help="The column that identifies a row (default: its primary key, else rowid).")
+@click.option("--read", type=click.Choice(["private", "public"]), default="private",
+              show_default=True,
+              help="Who sees its changes: a token with a subscribe claim, or anyone.")
+@click.option("--stop", "stop_", is_flag=True, help="Stop watching TABLE (drop its triggers).")
+def watch(table: str, db: str, key: str, read: str, stop_: bool) -> None:
+    """Watch TABLE of your own schema: every change to it, by any program, is published
+    on /collections/TABLE (see docs/feeds.md)."""
+    import sqlite3
+
+    from tidings.errors import TidingsError
+    from tidings.feeds.sqlite import unwatch_table, watch_table
+
+    try:
+        if stop_:
+            if not unwatch_table(db, table):
+                raise click.ClickException(f"{table} was not watched")
+            click.echo(f"stopped watching {table}")
+            return
+        key = watch_table(db, table, key=key, read=read)
+    except TidingsError as exc:
+        raise click.ClickException(exc.message) from exc
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"{db}: {exc}") from exc
+    click.echo(f"watching {table} (key {key}, {read}): changes appear on /collections/{table}"
+               f" and GET /api/collections/{table}/changes")
 
 
 @main.command(add_help_option=False, context_settings={"ignore_unknown_options": True,

@@ -58,6 +58,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("subscriber_buffer", 1000, "int",
             "Frames buffered per subscriber before it is disconnected as too slow."),
     Setting("log_level", "info", "str", "Log level: debug, info, warning, error."),
+    Setting("config", "", "str",
+            "Collections configuration file (TOML or JSON): managed collections, watched "
+            "tables, schemas, read and write rules (docs/feeds.md)."),
+    Setting("changes_size", 100_000, "int",
+            "Changes kept in the collections' change log for resuming watches."),
+    Setting("changes_max_age", 0.0, "float",
+            "Seconds a change stays in the change log (0: no limit)."),
 )
 
 
@@ -85,6 +92,9 @@ class Settings:
     max_subscribers: int = 20_000
     subscriber_buffer: int = 1000
     log_level: str = "info"
+    config: str = ""
+    changes_size: int = 100_000
+    changes_max_age: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

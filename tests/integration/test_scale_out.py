@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import HubProcess, open_stream, publish
 from tests.services import POSTGRES_URL, REDIS_URL, require
+from tidings.transports import open_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -27,7 +28,17 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=["redis", "postgres"])
 def bus(request: pytest.FixtureRequest) -> Iterator[str]:
     base = require(REDIS_URL if request.param == "redis" else POSTGRES_URL)
-    yield f"{base}?namespace=t{uuid.uuid4().hex[:12]}"
+    url = f"{base}?namespace=t{uuid.uuid4().hex[:12]}"
+    yield url
+    asyncio.run(_destroy(url))
+
+
+async def _destroy(url: str) -> None:
+    """Remove what the test left on the shared server (keys or a table)."""
+    transport = open_transport(url)
+    await transport.start()
+    await transport.destroy()  # type: ignore[attr-defined]
+    await transport.close()
 
 
 def healthz(url: str) -> dict[str, object]:

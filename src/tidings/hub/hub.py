@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -82,11 +82,13 @@ class Subscription:
         selectors: tuple[Selector, ...],
         claims: Claims | None,
         last_event_id: str | None,
+        accept: Callable[[Update], bool] | None = None,
     ) -> None:
         self._hub = hub
         self._last_event_id_asked = last_event_id
         self.subscriber = Subscriber(
-            selectors, claims, limits=hub.config.limits, on_ready=hub._on_ready
+            selectors, claims, limits=hub.config.limits, on_ready=hub._on_ready,
+            accept=accept,
         )
         self.replay_range = (0, 0)
         self.expiry: asyncio.TimerHandle | None = None
@@ -241,9 +243,10 @@ class Hub:
     def may_see(sub: Subscriber, update: Update) -> bool:
         if not sub.matcher.matches_any(update.topics):
             return False
-        if not update.private:
-            return True
-        return sub.claims is not None and sub.claims.may_read_private(update.topics)
+        if update.private and (
+                sub.claims is None or not sub.claims.may_read_private(update.topics)):
+            return False
+        return sub.accept is None or sub.accept(update)
 
     # -- subscribing ---------------------------------------------------------------
 
@@ -252,13 +255,18 @@ class Hub:
         selectors: Sequence[Selector],
         claims: Claims | None,
         last_event_id: str | None = None,
+        *,
+        accept: Callable[[Update], bool] | None = None,
     ) -> Subscription:
-        """`async with hub.connect(selectors, claims, last_event_id) as subscription:`"""
+        """`async with hub.connect(selectors, claims, last_event_id) as subscription:`
+
+        `accept`, when given, is a further filter: only updates it returns True for are
+        replayed and delivered (it must be cheap and must not raise)."""
         if not selectors:
             raise BadRequest("at least one topic selector (topic=, match=) is required")
         if len(selectors) > self.config.max_selectors:
             raise BadRequest(f"at most {self.config.max_selectors} selectors per subscription")
-        return Subscription(self, tuple(selectors), claims, last_event_id)
+        return Subscription(self, tuple(selectors), claims, last_event_id, accept)
 
     async def _open(self, subscription: Subscription, last_event_id: str | None) -> None:
         if self._stopping:
@@ -316,7 +324,9 @@ class Hub:
 
     def _register(self, sub: Subscriber) -> None:
         self._subscribers.add(sub)
-        if sub.matcher.patterns or sub.matcher.matches_all:
+        # Filtered subscribers go through `may_see` (with the wide ones), so the exact-topic
+        # fast path of `_deliver` never has to check for a filter.
+        if sub.matcher.patterns or sub.matcher.matches_all or sub.accept is not None:
             self._wide.add(sub)
         else:
             for topic in sub.matcher.exact_topics:

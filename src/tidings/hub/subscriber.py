@@ -24,6 +24,7 @@ from typing import Protocol
 
 from tidings.hub.auth import Claims
 from tidings.hub.topics import Matcher, Selector
+from tidings.hub.update import Update
 
 __all__ = ["CloseReason", "Sink", "State", "Subscriber", "SubscriberLimits"]
 
@@ -76,6 +77,7 @@ class Subscriber:
         "_max_frames",
         "_on_close",
         "_on_ready",
+        "accept",
         "buffered_bytes",
         "busy",
         "claims",
@@ -102,8 +104,13 @@ class Subscriber:
         limits: SubscriberLimits,
         on_ready: Callable[[Subscriber], None],
         subscriber_id: str | None = None,
+        accept: Callable[[Update], bool] | None = None,
     ) -> None:
         self.id = subscriber_id or f"urn:uuid:{uuid.uuid4()}"
+        # A server-side filter on top of the selectors (the collections' watch endpoint).
+        # Called in fan-out and replay for each candidate update: it must be cheap and
+        # must not raise.
+        self.accept = accept
         self.selectors = selectors
         self.matcher = _matcher(selectors)
         self.claims = claims

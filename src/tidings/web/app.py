@@ -25,11 +25,13 @@ from starlette.types import Receive, Scope, Send
 
 from tidings import __version__
 from tidings.errors import TidingsError
+from tidings.feeds import Retention, load_config, open_feed
 from tidings.hub.auth import KeyConfig
 from tidings.hub.hub import Hub, HubConfig
 from tidings.hub.subscriber import SubscriberLimits
 from tidings.settings import Settings
 from tidings.transports import open_transport
+from tidings.web.collections import RESUME_HEADER, CollectionsAPI
 from tidings.web.mercure import MercureEndpoint, RequestParts, claims_for
 from tidings.web.openapi import openapi_document
 
@@ -102,6 +104,21 @@ def create_app(settings: Settings) -> TidingsApp:
         anonymous=settings.anonymous,
         max_body=settings.max_body,
     )
+    # Collections and their change feed (docs/feeds.md): idle unless configured/watched.
+    feed = open_feed(
+        settings.db,
+        hub,
+        config=load_config(settings.config) if settings.config else None,
+        retention=Retention(settings.changes_size, settings.changes_max_age),
+    )
+    collections = CollectionsAPI(
+        feed,
+        hub,
+        publisher_key=_key(settings, settings.publisher_key),
+        subscriber_key=subscriber_key,
+        anonymous=settings.anonymous,
+        max_body=settings.max_body,
+    )
     started = time.time()
 
     async def index(request: Request) -> Response:
@@ -155,6 +172,8 @@ def create_app(settings: Settings) -> TidingsApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        if feed is not None:
+            await feed.start()
         _end_streams_on_signals(hub)
         # Everything imported and built so far lives as long as the process. Keeping it
         # out of the cyclic GC's sight makes a full collection (which otherwise stalls
@@ -164,7 +183,11 @@ def create_app(settings: Settings) -> TidingsApp:
         try:
             yield
         finally:
-            await hub.stop()
+            try:
+                if feed is not None:
+                    await feed.stop()
+            finally:
+                await hub.stop()
 
     middleware = []
     if settings.cors_origins:
@@ -172,9 +195,9 @@ def create_app(settings: Settings) -> TidingsApp:
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_credentials="*" not in settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Last-Event-ID", "Content-Type", "Cache-Control"],
-            expose_headers=["Last-Event-ID", "Mercure-Last-Event-ID"],
+            expose_headers=["Last-Event-ID", "Mercure-Last-Event-ID", RESUME_HEADER],
         ))
     app = Starlette(
         routes=[
@@ -185,6 +208,7 @@ def create_app(settings: Settings) -> TidingsApp:
             Route("/.well-known/mercure", mercure, methods=["GET", "HEAD", "POST"]),
             Route("/.well-known/mercure/subscriptions", subscriptions),
             Route("/.well-known/mercure/subscriptions/{rest:path}", subscriptions),
+            *collections.routes(),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         middleware=middleware,

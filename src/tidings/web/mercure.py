@@ -31,7 +31,7 @@ from tidings.hub.topics import Selector, SelectorKind, compile_selector
 from tidings.hub.update import Update
 from tidings.web.errors import error_response
 
-__all__ = ["MercureEndpoint", "RequestParts"]
+__all__ = ["MercureEndpoint", "RequestParts", "claims_for", "stream_subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class MercureEndpoint:
             if scope["method"] == "HEAD":
                 await send({"type": "http.response.body", "body": b""})
                 return
-            await _stream(subscription, receive, send)
+            await stream_subscription(subscription, receive, send)
 
     # -- publish -------------------------------------------------------------------
 
@@ -205,7 +205,7 @@ class MercureEndpoint:
         await send({"type": "http.response.body", "body": stored.id.encode()})
 
 
-async def _stream(subscription: Subscription, receive: Receive, send: Send) -> None:
+async def stream_subscription(subscription: Subscription, receive: Receive, send: Send) -> None:
     """Replay, then hand the connection to the hub's flushes until either side ends it.
 
     While live, this task only waits for the client to go away; the hub writes through an

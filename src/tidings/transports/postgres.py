@@ -1,0 +1,618 @@
+"""The shared transport on PostgreSQL: history in one table, NOTIFY only as a wake-up.
+
+`postgresql://host:port/db?namespace=NAME` (namespace `tidings` by default) keeps every
+update in the table `NAME_updates`, which `start()` creates if missing. Any number of hub
+processes may share it: they all see one history in one order.
+
+Order. `seq` must follow commit order, because a tailer that has read seq 6 never looks
+below 6 again. A PostgreSQL sequence does not give that: a transaction that took 5 can
+commit after one that took 6. So appends are serialized: each append transaction takes a
+transaction-level advisory lock (the key is derived from the namespace), computes
+`max(seq) + 1` in a statement that runs after the lock is granted, inserts, NOTIFYs, and
+commits, which releases the lock. The next appender's statements start after that commit
+and see it. The idempotence check (a retried publish is stored once) runs under the same
+lock, in the same statement as the insert, so two identical publishes racing on two
+processes store one row.
+
+Group commit. Serializing makes every append pay for a whole transaction, WAL flush
+included, while holding the lock: about a millisecond here, so a thousand appends a
+second at most. Each process therefore has one writer task that takes every append
+waiting in its queue into one transaction (one lock wait, pipelined inserts, one NOTIFY,
+one flush). A lone publisher waits no longer than before; many publishers share commits.
+
+Reading. The writer, `read_after` and `find` use a small pool. `tail` opens its own
+connection, LISTENs on `NAME_updates`, reads pages of the table until it is caught up,
+then waits for a notification and reads again. A notification only says "look again": the
+table is the truth, so a notification lost while the connection was down costs nothing,
+and the tailer also looks again every few seconds in case one went missing. When its
+connection is lost, `tail` raises and the hub calls it again from the last seq it saw.
+
+Failures. A publish that cannot be stored raises ServiceUnavailable (503), never a silent
+drop. Connects time out quickly. An append whose pooled connection broke is tried once
+more on a fresh one; the idempotence check makes that retry safe even when the first
+attempt's COMMIT went through.
+
+Retention. `prune()` removes updates beyond `history_size` and older than
+`history_max_age_s`, and runs by itself every 256 appends of this process. It always keeps
+the newest row: `max(seq)` is the counter, and an emptied table would reuse positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from tidings.errors import BadRequest, ServiceUnavailable, TransportClosed
+from tidings.hub.update import Update
+
+try:
+    import asyncpg
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "the PostgreSQL transport needs asyncpg: pip install 'tidings[postgres]'"
+    ) from exc
+
+__all__ = ["PostgresTransport"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "tidings"
+# Lower-case identifiers only, so the table, index and channel names need no quoting
+# rules to agree; 48 characters keeps `NAME_updates_id` and the application name
+# under PostgreSQL's 63-byte identifier limit.
+_NAMESPACE = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+
+_CONNECT_TIMEOUT_S = 3.0
+# A backstop for a statement that hangs (a half-open connection); appends normally wait
+# on the lock for milliseconds.
+_COMMAND_TIMEOUT_S = 10.0
+_POOL_MAX = 10
+_PRUNE_EVERY = 256
+# Updates per append transaction at most (one lock wait, one commit for all of them).
+_BATCH_MAX = 500
+_TAIL_PAGE = 1000
+# The tailer looks at the table this often even without a notification: NOTIFY is a
+# wake-up, and one can be missed; this bounds how late a missed one is noticed.
+_RECHECK_S = 5.0
+_CLOSE_TIMEOUT_S = 2.0
+
+# Everything the driver raises about the storage it cannot reach or use: a publish that
+# meets one of these answers 503.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+# An established connection that broke (killed backend, server restart, reset socket):
+# worth one more try on a fresh connection. Failing to connect at all is not.
+_BROKEN: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+class _Broken(ServiceUnavailable):
+    """An established connection broke (raised by `_connection`; the writer retries)."""
+
+
+# asyncpg has no type stubs: these Protocols type the part of it used here, so that no
+# `Any` leaks past this module's edge.
+_Record = Sequence[object]
+
+
+class _Connection(Protocol):
+    async def execute(self, query: str, *args: object, timeout: float | None = None) -> str: ...
+
+    async def fetch(
+        self, query: str, *args: object, timeout: float | None = None
+    ) -> list[_Record]: ...
+
+    async def fetchrow(
+        self, query: str, *args: object, timeout: float | None = None
+    ) -> _Record | None: ...
+
+    async def fetchmany(
+        self, query: str, args: Sequence[Sequence[object]], *, timeout: float | None = None
+    ) -> list[_Record]: ...
+
+    async def fetchval(
+        self, query: str, *args: object, timeout: float | None = None
+    ) -> object: ...
+
+    async def add_listener(
+        self, channel: str, callback: Callable[[object, int, str, str], None]
+    ) -> None: ...
+
+    def add_termination_listener(self, callback: Callable[[object], None]) -> None: ...
+
+    def is_closed(self) -> bool: ...
+
+    def is_in_transaction(self) -> bool: ...
+
+    async def close(self, *, timeout: float | None = None) -> None: ...
+
+    def terminate(self) -> None: ...
+
+
+class _Pool(Protocol):
+    def acquire(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[_Connection]: ...
+
+    async def close(self) -> None: ...
+
+    def terminate(self) -> None: ...
+
+
+async def _keep_session(connection: object) -> None:
+    """Pool `reset`: pooled sessions carry no state (no LISTEN, session locks or settings;
+    a failed transaction closes its connection), so asyncpg's default reset query would
+    only add a round trip to every operation."""
+
+
+def _lock_key(namespace: str) -> int:
+    # A stable signed 64-bit key per namespace (the 64-bit advisory lock space does not
+    # overlap the two-int one, and other applications rarely pick random keys).
+    digest = hashlib.blake2b(f"tidings:{namespace}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _row_to_update(row: _Record) -> Update:
+    seq, id_, topics, data, private, type_, retry, created_at, frame = row
+    return Update(
+        topics=tuple(json.loads(cast(str, topics))),
+        data=cast(str, data),
+        id=cast(str, id_),
+        private=cast(bool, private),
+        type=cast("str | None", type_),
+        retry=cast("int | None", retry),
+        seq=cast(int, seq),
+        created_at=cast(float, created_at),
+        frame=cast(bytes, frame),
+    )
+
+
+def _deleted(status: str) -> int:
+    # asyncpg returns the command tag, "DELETE 12".
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class PostgresTransport:
+    """History in a PostgreSQL table shared by every process; appends serialized by an
+    advisory lock so that seq follows commit order; `tail` woken by LISTEN/NOTIFY."""
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, history_size: int = 100_000, history_max_age_s: float = 0.0
+    ) -> PostgresTransport:
+        """`postgresql://[user[:password]@]host[:port]/db[?namespace=NAME&...]`; every
+        other query parameter is passed on to asyncpg."""
+        parts = urlsplit(url)
+        params = parse_qsl(parts.query, keep_blank_values=True)
+        namespaces = [value for key, value in params if key == "namespace"]
+        namespace = namespaces[-1] if namespaces else DEFAULT_NAMESPACE
+        rest = urlencode([(key, value) for key, value in params if key != "namespace"])
+        dsn = urlunsplit(parts._replace(query=rest))
+        return cls(
+            dsn,
+            namespace=namespace,
+            history_size=history_size,
+            history_max_age_s=history_max_age_s,
+        )
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        history_size: int = 100_000,
+        history_max_age_s: float = 0.0,
+    ) -> None:
+        if not _NAMESPACE.fullmatch(namespace):
+            raise BadRequest(
+                f"invalid namespace {namespace!r}: 1 to 48 characters of a-z, 0-9 and _,"
+                " not starting with a digit"
+            )
+        self._dsn = dsn
+        parts = urlsplit(dsn)
+        # For messages and logs: never the password.
+        self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+        self.namespace = namespace
+        self.table = f"{namespace}_updates"
+        self.channel = self.table
+        self.lock_key = _lock_key(namespace)
+        self._history_size = history_size
+        self._history_max_age_s = history_max_age_s
+        self._pool: _Pool | None = None
+        self._listeners: set[_Connection] = set()
+        self._queue: list[tuple[Update, asyncio.Future[Update]]] = []
+        self._queued = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._last_seq = 0
+        self._appends_since_prune = 0
+        self._closed = False
+
+        t = self.table
+        cols = (
+            "seq, id, topics::text, data, private, type, retry,"
+            " extract(epoch FROM created_at)::float8, frame"
+        )
+        self._sql_schema = f"""
+            CREATE TABLE IF NOT EXISTS {t} (
+                seq        bigint PRIMARY KEY,
+                id         text NOT NULL,
+                topics     jsonb NOT NULL,
+                data       text NOT NULL,
+                private    boolean NOT NULL,
+                type       text,
+                retry      integer,
+                created_at timestamptz NOT NULL,
+                frame      bytea NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS {t}_id ON {t} (id, seq);
+        """
+        # BEGIN and the lock in one round trip (simple protocol, no parameters); the key
+        # is an integer we computed, not input.
+        self._sql_begin_locked = f"BEGIN; SELECT pg_advisory_xact_lock({self.lock_key})"
+        # Runs after the lock is granted, so its snapshot sees every earlier append (and the
+        # earlier statements of its own batch). It inserts nothing when the newest row with
+        # this id is the same update (a retried publish). Exactly one row comes back either
+        # way: (seq, created_at, inserted). created_at is stamped under the lock, so it
+        # grows with seq.
+        self._sql_insert = f"""
+            WITH newest AS (
+                SELECT seq, created_at, topics, data, private, frame
+                FROM {t} WHERE id = $1 ORDER BY seq DESC LIMIT 1
+            ), same AS (
+                SELECT seq, created_at FROM newest
+                WHERE topics = $2::jsonb AND data = $3 AND private = $4 AND frame = $7
+            ), inserted AS (
+                INSERT INTO {t} (seq, id, topics, data, private, type, retry, created_at, frame)
+                SELECT next.seq, $1, $2::jsonb, $3, $4, $5::text, $6::integer,
+                       clock_timestamp(), $7
+                FROM (SELECT coalesce(max(seq), 0) + 1 AS seq FROM {t}) AS next
+                WHERE NOT EXISTS (SELECT 1 FROM same)
+                RETURNING seq, created_at
+            )
+            SELECT seq, extract(epoch FROM created_at)::float8, true FROM inserted
+            UNION ALL
+            SELECT seq, extract(epoch FROM created_at)::float8, false FROM same
+        """
+        self._sql_read_after = f"SELECT {cols} FROM {t} WHERE seq > $1 ORDER BY seq LIMIT $2"
+        self._sql_find = f"SELECT {cols} FROM {t} WHERE id = $1 ORDER BY seq DESC LIMIT 1"
+        self._sql_last_seq = f"SELECT coalesce(max(seq), 0) FROM {t}"
+        self._sql_first_seq = f"SELECT coalesce(min(seq), 0) FROM {t}"
+        # Both retention deletes keep the newest row (see the module docstring) and walk
+        # the primary key from the oldest end, never the whole table.
+        self._sql_prune_count = (
+            f"DELETE FROM {t} WHERE seq <= (SELECT max(seq) FROM {t}) - greatest($1::bigint, 1)"
+        )
+        # Rows expire oldest first (created_at grows with seq): delete everything below
+        # the first row that is still young enough, or below the newest if none is.
+        self._sql_prune_age = f"""
+            DELETE FROM {t} WHERE seq < coalesce(
+                (SELECT seq FROM {t}
+                 WHERE created_at >= clock_timestamp() - make_interval(secs => $1::float8)
+                 ORDER BY seq LIMIT 1),
+                (SELECT max(seq) FROM {t}))
+        """
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed:
+            raise TransportClosed("the transport is closed")
+        if self._pool is not None:
+            return
+        pool: _Pool | None = None
+        try:
+            pool = cast(
+                _Pool,
+                await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=1,
+                    max_size=_POOL_MAX,
+                    timeout=_CONNECT_TIMEOUT_S,
+                    command_timeout=_COMMAND_TIMEOUT_S,
+                    reset=_keep_session,
+                    server_settings={"application_name": f"tidings:{self.namespace}"},
+                ),
+            )
+            async with pool.acquire() as conn:
+                # Under the append lock: two processes starting together would otherwise
+                # race on CREATE TABLE IF NOT EXISTS (a unique violation in the catalog).
+                try:
+                    await conn.execute(self._sql_begin_locked)
+                    await conn.execute(self._sql_schema)
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    conn.terminate()  # the server rolls back; the pool makes a new one
+                    raise
+                self._last_seq = cast(int, await conn.fetchval(self._sql_last_seq))
+        except _UNAVAILABLE as exc:
+            if pool is not None:
+                pool.terminate()
+            raise ServiceUnavailable(f"cannot use PostgreSQL at {self._where}: {exc}") from exc
+        self._pool = pool
+        self._writer = asyncio.create_task(self._write_batches(), name="tidings-pg-writer")
+        self._writer.add_done_callback(self._fail_queued)
+        log.info("PostgreSQL transport on %s, table %s, last seq %s",
+                 self._where, self.table, self._last_seq)
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Aborting a tail's connection wakes it (termination listener) or fails its read;
+        # either way it sees `_closed` and ends. Aborted, not closed politely: the tail's
+        # task may be using the connection this very moment.
+        listeners, self._listeners = self._listeners, set()
+        for conn in listeners:
+            conn.terminate()
+        if self._writer is not None:
+            # Updates accepted before close are still written, within a bound.
+            self._queued.set()
+            with contextlib.suppress(TimeoutError):  # then wait_for has cancelled it
+                await asyncio.wait_for(self._writer, _CLOSE_TIMEOUT_S)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                # Waits for operations in flight to hand their connections back.
+                await asyncio.wait_for(pool.close(), _CLOSE_TIMEOUT_S)
+            except _UNAVAILABLE:  # includes TimeoutError
+                pool.terminate()
+
+    async def destroy(self) -> None:
+        """Drop the table: the whole history of this namespace is gone."""
+        async with self._connection() as conn:
+            await conn.execute(f"DROP TABLE IF EXISTS {self.table}")
+        self._last_seq = 0
+
+    # -- writing -------------------------------------------------------------------
+
+    async def append(self, update: Update) -> Update:
+        if self._closed:
+            raise TransportClosed("the transport is closed")
+        if self._writer is None or self._writer.done():
+            raise ServiceUnavailable("the PostgreSQL transport has not been started")
+        future: asyncio.Future[Update] = asyncio.get_running_loop().create_future()
+        self._queue.append((update, future))
+        self._queued.set()
+        return await future
+
+    async def _write_batches(self) -> None:
+        """The one writer of this process: each batch is one locked transaction."""
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            while self._queue:
+                batch = self._queue[:_BATCH_MAX]
+                del self._queue[:_BATCH_MAX]
+                # A caller that gave up (cancelled) before its update was written gets
+                # nothing stored: it has no answer, so its client will publish again.
+                batch = [(update, future) for update, future in batch if not future.done()]
+                if batch:
+                    await self._write_batch(batch)
+            if self._closed:
+                return
+            if self._appends_since_prune >= _PRUNE_EVERY:
+                try:
+                    await self.prune()
+                except ServiceUnavailable as exc:
+                    # The updates are stored; retention catches up after a later batch.
+                    log.warning("pruning %s failed: %s", self.table, exc)
+
+    def _fail_queued(self, _writer: object) -> None:
+        """The writer ended (close, or cancelled with its loop): nobody waits forever."""
+        queue, self._queue = self._queue, []
+        for _, future in queue:
+            if not future.done():
+                future.set_exception(TransportClosed("the transport is closed"))
+
+    async def _write_batch(self, batch: list[tuple[Update, asyncio.Future[Update]]]) -> None:
+        updates = [update for update, _ in batch]
+        try:
+            try:
+                stored = await self._insert(updates)
+            except _Broken as exc:
+                # The pooled connection was dead (server restarted, backend killed). If the
+                # first attempt committed after all, the retry finds every update already
+                # stored and inserts nothing.
+                log.warning("append on %s failed (%s); retrying on a fresh connection",
+                            self._where, exc)
+                stored = await self._insert(updates)
+        except BaseException as exc:
+            if not isinstance(exc, ServiceUnavailable | asyncio.CancelledError):
+                log.exception("storing %d updates in %s failed", len(updates), self.table)
+            for _, future in batch:
+                if not future.done():
+                    # Not known to be stored: the publisher answers 503 and retries, and
+                    # a retry of an update that was stored after all is stored once.
+                    error = ServiceUnavailable(f"the update was not stored: {exc!r}")
+                    error.__cause__ = exc
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, stored, strict=True):
+            if not future.done():
+                future.set_result(result)
+        self._last_seq = max(self._last_seq, *(u.seq for u in stored))
+        self._appends_since_prune += len(stored)
+
+    async def _insert(self, updates: list[Update]) -> list[Update]:
+        """Store `updates` in one transaction under the append lock, in their order: three
+        round trips (BEGIN and lock, the pipelined inserts, NOTIFY and COMMIT) and one WAL
+        flush, however many updates there are."""
+        async with self._connection() as conn:
+            try:
+                await conn.execute(self._sql_begin_locked)
+                rows = await conn.fetchmany(
+                    self._sql_insert,
+                    [
+                        (
+                            u.id,
+                            json.dumps(list(u.topics)),
+                            u.data,
+                            u.private,
+                            u.type,
+                            u.retry,
+                            u.frame,
+                        )
+                        for u in updates
+                    ],
+                )
+                new = [cast(int, seq) for seq, _, inserted in rows if inserted]
+                # One NOTIFY per batch: it only says "look again". Inline values are safe:
+                # the channel is a checked identifier, the payload an integer.
+                notify = f"SELECT pg_notify('{self.channel}', '{max(new)}'); " if new else ""
+                await conn.execute(notify + "COMMIT")
+            except BaseException:
+                # Failed or cancelled mid-transaction: drop the connection (the server
+                # rolls back and releases the lock) rather than hand back a session in an
+                # unknown state.
+                if not conn.is_closed() and conn.is_in_transaction():
+                    conn.terminate()
+                raise
+        return [
+            update.stored(cast(int, seq), cast(float, created_at))
+            for update, (seq, created_at, _) in zip(updates, rows, strict=True)
+        ]
+
+    async def prune(self) -> int:
+        """Apply retention (count, then age); returns how many updates were removed."""
+        self._appends_since_prune = 0
+        async with self._connection() as conn:
+            removed = _deleted(await conn.execute(self._sql_prune_count, self._history_size))
+            if self._history_max_age_s > 0:
+                removed += _deleted(
+                    await conn.execute(self._sql_prune_age, self._history_max_age_s)
+                )
+        return removed
+
+    # -- reading -------------------------------------------------------------------
+
+    async def read_after(self, seq: int, limit: int) -> list[Update]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(self._sql_read_after, seq, limit)
+        return [_row_to_update(row) for row in rows]
+
+    async def find(self, update_id: str) -> Update | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(self._sql_find, update_id)
+        return None if row is None else _row_to_update(row)
+
+    async def first_seq(self) -> int:
+        async with self._connection() as conn:
+            return cast(int, await conn.fetchval(self._sql_first_seq))
+
+    async def tail(self, after: int) -> AsyncIterator[Update]:
+        if self._closed:
+            raise TransportClosed("the transport is closed")
+        wake = asyncio.Event()
+        conn = await self._listen(wake)
+        try:
+            while not self._closed:
+                # Cleared before reading: a notification that arrives while we read or
+                # while the caller handles a page makes the next wait return at once.
+                wake.clear()
+                try:
+                    rows = await conn.fetch(
+                        self._sql_read_after, after, _TAIL_PAGE, timeout=_COMMAND_TIMEOUT_S
+                    )
+                except Exception as exc:
+                    if self._closed:
+                        return  # close() aborted the connection under the read
+                    if isinstance(exc, _UNAVAILABLE):
+                        raise ServiceUnavailable(
+                            f"lost the PostgreSQL connection at {self._where}: {exc}"
+                        ) from exc
+                    raise
+                for row in rows:
+                    update = _row_to_update(row)
+                    after = update.seq
+                    self._last_seq = max(self._last_seq, after)
+                    yield update
+                if len(rows) == _TAIL_PAGE:
+                    continue  # not caught up yet
+                # Woken by a NOTIFY, by the connection closing (the next read raises), by
+                # close(), or after _RECHECK_S in case a notification went missing.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_RECHECK_S):
+                        await wake.wait()
+        finally:
+            self._listeners.discard(conn)
+            await _close_quietly(conn)
+
+    async def _listen(self, wake: asyncio.Event) -> _Connection:
+        """A connection of its own, LISTENing, whose notifications and loss set `wake`."""
+        try:
+            conn = cast(
+                _Connection,
+                await asyncpg.connect(
+                    self._dsn,
+                    timeout=_CONNECT_TIMEOUT_S,
+                    command_timeout=_COMMAND_TIMEOUT_S,
+                    server_settings={"application_name": f"tidings-listen:{self.namespace}"},
+                ),
+            )
+        except _UNAVAILABLE as exc:
+            raise ServiceUnavailable(f"cannot reach PostgreSQL at {self._where}: {exc}") from exc
+        if self._closed:  # close() ran while we connected: it could not abort this one
+            conn.terminate()
+            raise TransportClosed("the transport is closed")
+        self._listeners.add(conn)
+        conn.add_termination_listener(lambda _conn: wake.set())
+        try:
+            # LISTEN before the first read: anything committed after that read notifies.
+            await conn.add_listener(self.channel, lambda _c, _pid, _ch, _payload: wake.set())
+        except BaseException as exc:
+            self._listeners.discard(conn)
+            await _close_quietly(conn)
+            if isinstance(exc, _UNAVAILABLE):
+                raise ServiceUnavailable(
+                    f"cannot LISTEN on PostgreSQL at {self._where}: {exc}"
+                ) from exc
+            raise
+        return conn
+
+    # -- helpers -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[_Connection]:
+        """A pooled connection; any failure to reach or use the storage becomes
+        ServiceUnavailable (`_Broken` for a broken connection, which the writer retries)."""
+        if self._closed:
+            raise TransportClosed("the transport is closed")
+        if self._pool is None:
+            raise ServiceUnavailable("the PostgreSQL transport has not been started")
+        try:
+            async with self._pool.acquire(timeout=_COMMAND_TIMEOUT_S) as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            if self._closed:
+                raise TransportClosed("the transport is closed") from exc
+            error = _Broken if isinstance(exc, _BROKEN) else ServiceUnavailable
+            raise error(f"PostgreSQL at {self._where}: {exc}") from exc
+
+
+async def _close_quietly(conn: _Connection) -> None:
+    if conn.is_closed():
+        return
+    try:
+        await conn.close(timeout=_CLOSE_TIMEOUT_S)
+    except (Exception, asyncio.CancelledError):
+        conn.terminate()

@@ -1,0 +1,313 @@
+"""The collections API: REST over a change feed, and the watch endpoint.
+
+    GET    /api/collections                     the collections served
+    POST   /api/collections/NAME                insert (201, the stored document)
+    GET    /api/collections/NAME                list: ?FIELD=VALUE, limit, cursor, sort
+    GET    /api/collections/NAME/changes        watch (text/event-stream): ?resume_after=
+    GET    /api/collections/NAME/ID             one document
+    PUT    /api/collections/NAME/ID             replace
+    PATCH  /api/collections/NAME/ID             merge (RFC 7396)
+    DELETE /api/collections/NAME/ID             delete (204)
+
+Every answer about documents carries `Tidings-Resume-Token`: the change log's position
+when it was read (or the change it made), so "load, then watch from the token" has no gap.
+
+Authorization (per collection, from the configuration): writes need a publisher token
+whose publish claim matches `/collections/NAME` (`write = "publisher"`, the default), or
+nothing (`"anyone"`); reads of a `read = "private"` collection (the default) need a token
+whose subscribe claim matches `/collections/NAME` (or, for one document, its own topic
+`/collections/NAME/ID`); public collections are open to anyone the hub lets subscribe.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from tidings.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    TidingsError,
+    TokenMissing,
+    Unauthorized,
+)
+from tidings.feeds.base import ChangeFeed
+from tidings.feeds.config import CollectionConfig
+from tidings.feeds.errors import (
+    MethodNotAllowed,
+    SchemaViolation,
+    TokenTooOld,
+    UnknownCollection,
+)
+from tidings.feeds.events import JSONObject, ResumeToken
+from tidings.feeds.query import ChangeFilter, ListQuery
+from tidings.hub.auth import Claims, KeyConfig
+from tidings.hub.hub import Hub
+from tidings.hub.topics import compile_selector
+from tidings.sse import encode_event
+from tidings.web.errors import error_response
+from tidings.web.mercure import RequestParts, claims_for, stream_subscription
+
+__all__ = ["RESUME_HEADER", "CollectionsAPI"]
+
+RESUME_HEADER = "Tidings-Resume-Token"
+_JSON = "application/json"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _error(exc: TidingsError) -> Response:
+    body: dict[str, object] = {"error": exc.message, "status": exc.status_hint}
+    headers: dict[str, str] = {}
+    if isinstance(exc, SchemaViolation):
+        body["errors"] = [dict(e) for e in exc.errors]
+    if isinstance(exc, TokenMissing):
+        headers["WWW-Authenticate"] = 'Bearer realm="tidings"'
+    elif isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="tidings", error="invalid_token"'
+    elif isinstance(exc, Forbidden):
+        headers["WWW-Authenticate"] = 'Bearer realm="tidings", error="insufficient_scope"'
+    elif isinstance(exc, ServiceUnavailable):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, MethodNotAllowed):
+        headers["Allow"] = "GET"
+    return JSONResponse(body, status_code=exc.status_hint, headers=headers)
+
+
+def _handles_errors(
+    handler: Callable[[CollectionsAPI, Request], Awaitable[Response]],
+) -> Callable[[CollectionsAPI, Request], Awaitable[Response]]:
+    async def wrapper(self: CollectionsAPI, request: Request) -> Response:
+        try:
+            return await handler(self, request)
+        except TidingsError as exc:
+            return _error(exc)
+
+    return wrapper
+
+
+def _document_response(document: JSONObject, token: ResumeToken, status: int = 200,
+                       headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(document, status_code=status,
+                        headers={RESUME_HEADER: str(token), **(headers or {})})
+
+
+class CollectionsAPI:
+    def __init__(
+        self,
+        feed: ChangeFeed | None,
+        hub: Hub,
+        *,
+        publisher_key: KeyConfig | None,
+        subscriber_key: KeyConfig | None,
+        anonymous: bool,
+        max_body: int,
+    ) -> None:
+        self.feed = feed
+        self.hub = hub
+        self.publisher_key = publisher_key
+        self.subscriber_key = subscriber_key
+        self.anonymous = anonymous
+        self.max_body = max_body
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/collections", self.index, methods=["GET"]),
+            Route("/api/collections/{name}", self.collection_root, methods=["GET", "POST"]),
+            Route("/api/collections/{name}/changes", _WatchEndpoint(self), methods=["GET"]),
+            Route("/api/collections/{name}/{doc_id}", self.document,
+                  methods=["GET", "PUT", "PATCH", "DELETE"]),
+        ]
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _collection(self, name: str) -> tuple[ChangeFeed, CollectionConfig]:
+        if self.feed is None:
+            raise UnknownCollection(f"no collection named {name!r}")
+        return self.feed, self.feed.collection(name)
+
+    def authorize_read(self, parts: RequestParts, collection: CollectionConfig,
+                       doc_id: str | None = None) -> Claims | None:
+        claims = claims_for(parts, self.subscriber_key)
+        if claims is None and not self.anonymous:
+            raise TokenMissing("this hub requires a subscriber token")
+        if collection.private:
+            if claims is None:
+                raise TokenMissing(f"{collection.name} is private: reading it needs a "
+                                   f"token whose subscribe claim matches {collection.topic}")
+            topics = [collection.topic]
+            if doc_id is not None:
+                topics.append(f"{collection.topic}/{quote(doc_id, safe='')}")
+            if not claims.may_read_private(topics):
+                raise Forbidden(f"the token's subscribe claim does not cover {collection.topic}")
+        return claims
+
+    def _authorize_write(self, request: Request, collection: CollectionConfig) -> None:
+        if not collection.writable:
+            raise MethodNotAllowed(
+                f"{collection.name} is read-only through the API" + (
+                    " (a watched table: write to it with your application)"
+                    if collection.kind == "table" else ""))
+        if collection.write == "anyone":
+            return
+        if self.publisher_key is None:
+            raise Unauthorized("writing is disabled: no publisher key is configured")
+        claims = claims_for(RequestParts(request.scope), self.publisher_key)
+        if claims is None:
+            raise TokenMissing(f"writing to {collection.name} needs a publisher token")
+        if not claims.may_publish([collection.topic]):
+            raise Forbidden(f"the token's publish claim does not cover {collection.topic}")
+
+    async def _body(self, request: Request) -> JSONObject:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise PayloadTooLarge(f"the document is larger than {self.max_body} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                raise PayloadTooLarge(f"the document is larger than {self.max_body} bytes")
+        try:
+            value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise BadRequest("a document must be a JSON object")
+        return cast(JSONObject, value)
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    @_handles_errors
+    async def index(self, request: Request) -> Response:
+        collections = [] if self.feed is None else [
+            {"name": c.name, "kind": c.kind, "key": c.key, "read": c.read, "write": c.write,
+             "topic": c.topic}
+            for c in self.feed.collections.values()
+        ]
+        return JSONResponse({"collections": collections})
+
+    @_handles_errors
+    async def collection_root(self, request: Request) -> Response:
+        feed, collection = self._collection(request.path_params["name"])
+        if request.method == "POST":
+            self._authorize_write(request, collection)
+            result = await feed.insert(collection.name, await self._body(request))
+            doc_id = str(result.document.get("id"))
+            location = f"/api/collections/{collection.name}/{quote(doc_id, safe='')}"
+            return _document_response(result.document, result.token, 201,
+                                      {"Location": location})
+        parts = RequestParts(request.scope)
+        self.authorize_read(parts, collection)
+        page = await feed.list(collection.name, ListQuery.from_params(parts.query_list))
+        return JSONResponse(
+            {"documents": list(page.documents), "next_cursor": page.next_cursor,
+             "resume_token": str(page.token)},
+            headers={RESUME_HEADER: str(page.token)},
+        )
+
+    @_handles_errors
+    async def document(self, request: Request) -> Response:
+        feed, collection = self._collection(request.path_params["name"])
+        doc_id = request.path_params["doc_id"]
+        method = request.method
+        if method == "GET":
+            self.authorize_read(RequestParts(request.scope), collection, doc_id)
+            snapshot = await feed.get(collection.name, doc_id)
+            return _document_response(snapshot.document, snapshot.token)
+        self._authorize_write(request, collection)
+        if method == "DELETE":
+            result = await feed.delete(collection.name, doc_id)
+            return Response(status_code=204, headers={RESUME_HEADER: str(result.token)})
+        body = await self._body(request)
+        if method == "PUT":
+            result = await feed.replace(collection.name, doc_id, body)
+        else:
+            result = await feed.update(collection.name, doc_id, body)
+        return _document_response(result.document, result.token)
+
+
+def _resume_text(parts: RequestParts) -> str | None:
+    """`Last-Event-ID` (an EventSource reconnecting) wins over `?resume_after=`, which
+    also takes MongoDB's form of a token, `{"_data": "..."}`."""
+    text = parts.headers.get("last-event-id") or parts.query.get("resume_after")
+    if text and text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise BadRequest("malformed resume token") from None
+        if not isinstance(value, dict) or not isinstance(value.get("_data"), str):
+            raise BadRequest("malformed resume token")
+        return str(value["_data"])
+    return text or None
+
+
+class _WatchEndpoint:
+    """`GET /api/collections/NAME/changes`: a hub subscription to `/collections/NAME`.
+
+    The resume token is resolved here first (malformed or unknown: 400; too old for the
+    retained log: one `event: error` with a JSON message, then the stream ends), then the
+    stream is the hub's: replay after the token, then live, heartbeats, slow-reader
+    protection, shutdown."""
+
+    def __init__(self, api: CollectionsAPI) -> None:
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        api = self.api
+        try:
+            feed, collection = api._collection(scope["path_params"]["name"])
+            parts = RequestParts(scope)
+            claims = api.authorize_read(parts, collection)
+            changes = ChangeFilter.from_params(parts.query_list)
+            resume = _resume_text(parts)
+            last_event_id: str | None = None
+            if resume is not None:
+                try:
+                    point = await feed.resolve(resume)
+                except TokenTooOld as exc:
+                    await _error_event(send, exc)
+                    return
+                last_event_id = point.last_event_id
+            selectors = [compile_selector(collection.topic, "topic")]
+            connection = api.hub.connect(
+                selectors, claims, last_event_id,
+                accept=None if changes.everything else changes.predicate(),
+            )
+        except TidingsError as exc:
+            await error_response(send, exc.status_hint, exc.message, exc=exc)
+            return
+        try:
+            async with connection as subscription:
+                header_id = str(resume or subscription.last_event_id).encode()
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"private, no-cache, no-store"),
+                    (b"x-accel-buffering", b"no"),
+                    (b"last-event-id", header_id),
+                ]})
+                await stream_subscription(subscription, receive, send)
+        except TidingsError as exc:  # refused by the hub before any header (503)
+            await error_response(send, exc.status_hint, exc.message, exc=exc)
+
+
+async def _error_event(send: Send, exc: TidingsError) -> None:
+    """A stream of one `event: error` (JSON message), then the end: an EventSource sees
+    why, instead of silence or a reconnect loop on a 4xx."""
+    data = json.dumps({"error": exc.message, "status": exc.status_hint,
+                       "code": "resume_token_too_old"})
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"private, no-cache, no-store"),
+    ]})
+    await send({"type": "http.response.body", "body": encode_event(data, event="error")})
