@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import HubProcess, open_stream, publish
+from tests.conftest import HubProcess, open_stream, publish, token
 from tests.services import POSTGRES_URL, REDIS_URL, require
 from tidings.transports import open_transport
 
@@ -246,3 +246,42 @@ async def test_nginx_in_front_of_two_processes(
         nginx.wait(10)
         if nginx.stderr is not None:
             nginx.stderr.close()
+
+
+async def test_change_feed_on_several_processes_delivers_each_change_once(
+    hub_factory: type[HubProcess], tmp_path: Path, bus: str
+) -> None:
+    """Every process tails the same change log; the bus stores each change once."""
+    from tests.integration.test_feeds_sqlite import AUTH, CONFIG, make_db
+
+    make_db(tmp_path)
+    config = tmp_path / "tidings.toml"
+    config.write_text(CONFIG)
+    a, b = (hub_factory("--bus", bus, "--config", str(config)).start() for _ in range(2))
+    reader = {"Authorization": f"Bearer {token(subscribe=['*'])}"}
+    topics = [("topic", "/collections/{name}")]
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with (
+            open_stream(client, a.url, topics, reader) as on_a,
+            open_stream(client, b.url, topics, reader) as on_b,
+        ):
+            for i in range(10):
+                target = (a if i % 2 else b).url
+                reply = await client.post(f"{target}/api/collections/messages",
+                                          json={"username": "u", "content": str(i)},
+                                          headers=AUTH)
+                assert reply.status_code == 201
+            external = tmp_path / "tidings.db"
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(external)) as db:
+                for i in range(10):
+                    db.execute("INSERT INTO orders (item, qty) VALUES (?, ?)", (f"i{i}", i))
+                    db.commit()
+            seen = []
+            for stream in (on_a, on_b):
+                events = await stream.take(20, timeout_s=15)
+                assert len({e.id for e in events}) == 20
+                assert await stream.nothing_within(0.5)
+                seen.append([e.id for e in events])
+            assert seen[0] == seen[1]  # one order on every process
