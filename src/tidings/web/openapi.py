@@ -21,6 +21,60 @@ _SELECTOR_PARAMS = [
 ]
 
 
+_JSON_BODY = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+_DOC = {"description": "The stored document",
+        "content": {"application/json": {"schema": {"type": "object"}}}}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_ID = {"name": "doc_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_COLLECTION_PATHS: dict[str, object] = {
+    "/api/collections": {"get": {
+        "summary": "The collections this hub serves",
+        "responses": {"200": {"description": "Names and kinds",
+                              "content": {"application/json": {}}}}}},
+    "/api/collections/{name}": {
+        "get": {
+            "summary": "List documents (equality filters as query parameters, limit, cursor,"
+                       " sort), with the resume token of the snapshot",
+            "parameters": [_NAME,
+                           {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                           {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                           {"name": "sort", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "documents, next_cursor, resume_token",
+                                  "content": {"application/json": {}}},
+                          "400": _ERROR, "401": _ERROR, "403": _ERROR, "404": _ERROR},
+        },
+        "post": {
+            "summary": "Insert a document (id generated when absent)",
+            "security": [{"bearer": []}], "parameters": [_NAME], "requestBody": _JSON_BODY,
+            "responses": {"201": _DOC, "400": _ERROR, "401": _ERROR, "403": _ERROR,
+                          "404": _ERROR, "409": _ERROR, "413": _ERROR, "422": _ERROR},
+        },
+    },
+    "/api/collections/{name}/changes": {"get": {
+        "summary": "Watch the collection's changes (MongoDB-shaped events) as SSE",
+        "parameters": [_NAME,
+                       {"name": "resume_after", "in": "query", "schema": {"type": "string"}},
+                       {"name": "operationType", "in": "query", "schema": {"type": "string"}},
+                       {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "The change stream",
+                              "content": {"text/event-stream": {}}},
+                      "400": _ERROR, "401": _ERROR, "404": _ERROR},
+    }},
+    "/api/collections/{name}/{doc_id}": {
+        method: {
+            "summary": summary, "parameters": [_NAME, _ID],
+            **({"requestBody": _JSON_BODY} if method in ("put", "patch") else {}),
+            **({"security": [{"bearer": []}]} if method != "get" else {}),
+            "responses": {"200": _DOC, "400": _ERROR, "401": _ERROR, "403": _ERROR,
+                          "404": _ERROR, "422": _ERROR},
+        }
+        for method, summary in (("get", "One document"), ("put", "Replace a document"),
+                                ("patch", "Merge into a document (JSON merge patch)"),
+                                ("delete", "Delete a document"))
+    },
+}
+
+
 def openapi_document(version: str) -> dict[str, object]:
     return {
         "openapi": "3.1.0",
@@ -93,6 +147,7 @@ def openapi_document(version: str) -> dict[str, object]:
                                   "401": _ERROR, "403": _ERROR, "404": _ERROR},
                 },
             },
+            **_COLLECTION_PATHS,
             "/healthz": {"get": {"summary": "Liveness and a few numbers",
                                  "responses": {"200": {"description": "OK",
                                                        "content": {"application/json": {}}}}}},
