@@ -150,6 +150,7 @@ class Hub:
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush_end = 0.0
         self._next_flush_gap_s = self.config.flush_gap_s
+        self._flush_delayed = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -361,6 +362,8 @@ class Hub:
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
             delay = self._last_flush_end + self._next_flush_gap_s - time.monotonic()
+            # New work within the gap: updates are coming faster than flushes end.
+            self._flush_delayed = delay > 0
             if delay > 0:
                 self._flush_handle = loop.call_later(delay, self._flush)
             else:
@@ -373,11 +376,13 @@ class Hub:
         for sub in ready:
             sub.flush(start)
         end = time.monotonic()
-        # A flush that took long means the hub is near its limit: gathering more per write
-        # now costs less latency than the syscalls it saves.
-        self._next_flush_gap_s = min(
-            max(self.config.flush_gap_s, end - start), self.config.max_flush_gap_s
-        )
+        # Saturated (work kept arriving within the gap) and flushes take long: gather more
+        # per write, which now costs less latency than the syscalls it saves. Otherwise
+        # keep the short gap, so an idle or lightly loaded hub answers at once.
+        gap = self.config.flush_gap_s
+        if self._flush_delayed:
+            gap = min(max(gap, end - start), self.config.max_flush_gap_s)
+        self._next_flush_gap_s = gap
         self._last_flush_end = end
 
     # -- presence (active subscriptions) ---------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl
@@ -93,18 +93,16 @@ class MercureEndpoint:
         self.anonymous = anonymous
         self.max_body = max_body
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function handing back the handler's coroutine: a stream lives for hours,
+        # and every coroutine frame on its stack is memory held per subscriber.
         method = scope["method"]
-        try:
-            if method in ("GET", "HEAD"):
-                await self.subscribe(scope, receive, send)
-            elif method == "POST":
-                await self.publish(scope, receive, send)
-            else:
-                await error_response(send, 405, "use GET to subscribe or POST to publish",
-                                     headers=[(b"allow", b"GET, POST")])
-        except TidingsError as exc:
-            await error_response(send, exc.status_hint, exc.message, exc=exc)
+        if method in ("GET", "HEAD"):
+            return self.subscribe(scope, receive, send)
+        if method == "POST":
+            return self.publish(scope, receive, send)
+        return error_response(send, 405, "use GET to subscribe or POST to publish",
+                              headers=[(b"allow", b"GET, POST")])
 
     # -- subscribe -----------------------------------------------------------------
 
@@ -142,10 +140,16 @@ class MercureEndpoint:
         return selectors, claims, last_event_id
 
     async def subscribe(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Parsed in a helper so the request's decoded headers are not kept for the
-        # stream's whole life.
-        selectors, claims, last_event_id = self._subscribe_request(scope)
-        async with self.hub.connect(selectors, claims, last_event_id) as subscription:
+        try:
+            # Parsed in a helper so the request's decoded headers are not kept for the
+            # stream's whole life.
+            selectors, claims, last_event_id = self._subscribe_request(scope)
+            subscription = self.hub.connect(selectors, claims, last_event_id)
+            await subscription.__aenter__()
+        except TidingsError as exc:  # refused before any header was sent
+            await error_response(send, exc.status_hint, exc.message, exc=exc)
+            return
+        try:
             headers = [
                 (b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"private, no-cache, no-store"),
@@ -158,6 +162,8 @@ class MercureEndpoint:
                 await send({"type": "http.response.body", "body": b""})
                 return
             await stream_subscription(subscription, receive, send)
+        finally:
+            await subscription.__aexit__(None, None, None)
 
     # -- publish -------------------------------------------------------------------
 
@@ -179,6 +185,12 @@ class MercureEndpoint:
         return bytes(body)
 
     async def publish(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._publish(scope, receive, send)
+        except TidingsError as exc:
+            await error_response(send, exc.status_hint, exc.message, exc=exc)
+
+    async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
         parts = RequestParts(scope)
         if self.publisher_key is None:
             raise Unauthorized("publishing is disabled: no publisher key is configured")
