@@ -247,9 +247,11 @@ def subscribe(topics: tuple[str, ...], url: str, token_: str | None,
 @main.command()
 @click.argument("table")
 @click.option("--db", default="sqlite:///tidings.db", envvar="TIDINGS_DB", show_default=True,
-              help="The database with the table (the file `tidings serve --db` uses).")
+              help="The database with the table (what `tidings serve --db` uses): "
+                   "sqlite:///FILE or postgresql://... (its current schema).")
 @click.option("--key", default="",
-              help="The column that identifies a row (default: its primary key, else rowid).")
+              help="The column that identifies a row (default: its single-column primary "
+                   "key; SQLite: else rowid).")
 @click.option("--read", type=click.Choice(["private", "public"]), default="private",
               show_default=True,
               help="Who sees its changes: a token with a subscribe claim, or anyone.")
@@ -260,7 +262,11 @@ def watch(table: str, db: str, key: str, read: str, stop_: bool) -> None:
     import sqlite3
 
     from tidings.errors import TidingsError
-    from tidings.feeds.sqlite import unwatch_table, watch_table
+
+    if db.startswith(("postgresql:", "postgres:")):
+        from tidings.feeds.postgres import unwatch_table, watch_table
+    else:
+        from tidings.feeds.sqlite import unwatch_table, watch_table
 
     try:
         if stop_:

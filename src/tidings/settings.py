@@ -33,7 +33,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", "str", "Interface to listen on."),
     Setting("port", 8000, "int", "Port to listen on (0 picks a free one)."),
     Setting("db", "sqlite:///tidings.db", "str",
-            "History database URL: sqlite:///FILE or memory://."),
+            "Database URL (history and collections): sqlite:///FILE, postgresql://... "
+            "or memory://."),
     Setting("bus", "", "str",
             "Shared bus for several processes: redis://HOST:PORT/DB or postgresql://... "
             "(history then lives there, not in --db)."),
@@ -65,6 +66,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Changes kept in the collections' change log for resuming watches."),
     Setting("changes_max_age", 0.0, "float",
             "Seconds a change stays in the change log (0: no limit)."),
+    Setting("chat", True, "bool",
+            "Serve the chat at / (accounts, rooms, messages; docs/chat.md). The hub "
+            "debugger is at /hub either way."),
+    Setting("chat_session_ttl", 604_800.0, "float",
+            "Seconds a chat session (its cookie and JWT) lasts; refreshed past half-life."),
+    Setting("chat_rate_messages", 10, "int",
+            "Chat messages a user may post per --chat-rate-window (then 429)."),
+    Setting("chat_rate_window", 10.0, "float", "Seconds of the chat's rate-limit window."),
 )
 
 
@@ -95,6 +104,10 @@ class Settings:
     config: str = ""
     changes_size: int = 100_000
     changes_max_age: float = 0.0
+    chat: bool = True
+    chat_session_ttl: float = 604_800.0
+    chat_rate_messages: int = 10
+    chat_rate_window: float = 10.0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -5,8 +5,9 @@
     ...
     await feed.stop()            # before hub.stop()
 
-The URL scheme picks the implementation (SQLite now; PostgreSQL implements the same
-`ChangeFeed` Protocol). See docs/feeds.md.
+The URL scheme picks the implementation, imported only when used: `sqlite:///FILE`
+(feeds/sqlite.py) or `postgresql://...` (feeds/postgres.py, needs asyncpg), both
+implementing the `ChangeFeed` Protocol. See docs/feeds.md.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def open_feed(
     retention: Retention | None = None,
 ) -> ChangeFeed | None:
     """The feed of the database at `db_url`, or None when there is nothing to watch
-    (memory:// with no collections configured)."""
+    (memory:// with no collections configured, or no SQLite file yet)."""
     config = config or FeedConfig()
     scheme = urlsplit(db_url).scheme
     if scheme == "sqlite":
@@ -76,8 +77,14 @@ def open_feed(
         if not config.collections and not os.path.exists(path):
             return None  # nothing configured, and no file that could have watched tables
         return SQLiteFeed(db_url, hub, config, retention=retention)
+    if scheme in ("postgresql", "postgres"):
+        from tidings.feeds.postgres import PostgresFeed
+
+        # Whether there is anything to watch is known only once connected: an idle feed
+        # creates nothing in the database (PostgresFeed.start).
+        return PostgresFeed(db_url, hub, config, retention=retention)
     if config.collections:
         raise ConfigError(
-            f"collections need a database the feed can watch (--db sqlite:///FILE), "
-            f"not {db_url!r}")
+            f"collections need a database the feed can watch (--db sqlite:///FILE or "
+            f"postgresql://...), not {db_url!r}")
     return None

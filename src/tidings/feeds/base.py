@@ -3,8 +3,8 @@
 A *collection* is a table Tidings watches. Triggers (or the database's own mechanism)
 append every change, by any writer, to a change log in the same transaction; the feed
 tails that log and publishes each change through the hub as a MongoDB-shaped change event
-whose SSE id is the change's resume token. The SQLite feed lives in `feeds/sqlite.py`; a
-PostgreSQL feed (triggers + LISTEN/NOTIFY as a wake-up) implements the same Protocol.
+whose SSE id is the change's resume token. The SQLite feed lives in `feeds/sqlite.py`,
+the PostgreSQL feed (triggers + LISTEN/NOTIFY as a wake-up) in `feeds/postgres.py`.
 
 The contract an implementation keeps:
 

@@ -31,11 +31,15 @@ import jsonschema
 import jsonschema.validators
 
 from tidings.feeds.errors import ConfigError, SchemaViolation
+from tidings.feeds.events import JSONObject, JSONValue
 
 __all__ = [
+    "METADATA_FIELDS",
     "CollectionConfig",
     "FeedConfig",
+    "check_document_id",
     "load_config",
+    "own_fields",
     "parse_config",
     "validate_name",
 ]
@@ -50,6 +54,7 @@ _RESERVED_PREFIXES = ("sqlite_", "tidings_")
 _RESERVED_NAMES = frozenset({"updates"})
 # Fields every managed document has; the API sets them, a schema never sees them.
 METADATA_FIELDS = ("id", "created_at", "updated_at")
+MAX_ID_LENGTH = 256
 
 
 def validate_name(name: str, what: str = "collection") -> str:
@@ -62,6 +67,25 @@ def validate_name(name: str, what: str = "collection") -> str:
     if lowered in _RESERVED_NAMES or lowered.startswith(_RESERVED_PREFIXES):
         raise ConfigError(f"{what} name {name!r} is reserved for Tidings' own tables")
     return name
+
+
+def check_document_id(value: object) -> str:
+    """A document id given by a client: a string usable in a URL path segment and a topic
+    (`changes` is the watch endpoint's); SchemaViolation (422) otherwise. The same rule
+    for every database."""
+    if (not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH
+            or any(ord(c) < 0x20 for c in value) or value == "changes"):
+        raise SchemaViolation("the id is not usable", [{
+            "field": "id",
+            "message": f"id must be a non-empty string of at most {MAX_ID_LENGTH} "
+                       "characters, without control characters, and not 'changes'",
+        }])
+    return value
+
+
+def own_fields(document: Mapping[str, JSONValue]) -> JSONObject:
+    """A document without its metadata fields (the API sets those, not the client)."""
+    return {k: v for k, v in document.items() if k not in METADATA_FIELDS}
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,13 @@ from typing import Any, TypeVar, cast
 
 from tidings.errors import BadRequest, NotFound, ServiceUnavailable
 from tidings.feeds.base import Page, ResumePoint, Retention, Snapshot, WriteResult
-from tidings.feeds.config import METADATA_FIELDS, CollectionConfig, FeedConfig, validate_name
+from tidings.feeds.config import (
+    CollectionConfig,
+    FeedConfig,
+    check_document_id,
+    own_fields,
+    validate_name,
+)
 from tidings.feeds.errors import (
     ConfigError,
     Conflict,
@@ -61,7 +67,6 @@ from tidings.feeds.errors import (
 from tidings.feeds.events import (
     ChangeRow,
     JSONObject,
-    JSONValue,
     ResumeToken,
     change_update,
     merge_patch,
@@ -107,7 +112,6 @@ _BUSY_TIMEOUT_S = 5.0
 # SQLite functions take at most 127 arguments (SQLITE_MAX_FUNCTION_ARG): a row's JSON is
 # built 60 columns at a time.
 _PAIRS_PER_CALL = 60
-_MAX_ID_LENGTH = 256
 
 
 def _ident(name: str) -> str:
@@ -398,17 +402,6 @@ def _doc(text: object) -> JSONObject:
     return cast(JSONObject, value)
 
 
-def _check_id(value: JSONValue) -> str:
-    if (not isinstance(value, str) or not value or len(value) > _MAX_ID_LENGTH
-            or any(ord(c) < 0x20 for c in value) or value == "changes"):
-        raise SchemaViolation("the id is not usable", [{
-            "field": "id",
-            "message": f"id must be a non-empty string of at most {_MAX_ID_LENGTH} "
-                       "characters, without control characters, and not 'changes'",
-        }])
-    return value
-
-
 class SQLiteFeed:
     """The ChangeFeed of a SQLite file (see the module doc)."""
 
@@ -554,14 +547,10 @@ class SQLiteFeed:
 
     # -- writes (managed collections) -------------------------------------------------
 
-    @staticmethod
-    def _own_fields(document: Mapping[str, JSONValue]) -> JSONObject:
-        return {k: v for k, v in document.items() if k not in METADATA_FIELDS}
-
     async def insert(self, name: str, document: JSONObject) -> WriteResult:
         shape = self._managed(name)
-        doc_id = _check_id(document["id"]) if "id" in document else uuid.uuid4().hex
-        own = self._own_fields(document)
+        doc_id = check_document_id(document["id"]) if "id" in document else uuid.uuid4().hex
+        own = own_fields(document)
         shape.config.validate(own)
         return await self._write(self._insert_sync, shape, doc_id, json.dumps(own))
 
@@ -585,7 +574,7 @@ class SQLiteFeed:
         if "id" in document and document["id"] != doc_id:
             raise SchemaViolation("the id cannot change", [{
                 "field": "id", "message": "the id in the document differs from the URL's"}])
-        own = self._own_fields(document)
+        own = own_fields(document)
         shape.config.validate(own)
         return await self._write(self._replace_sync, shape, doc_id, json.dumps(own))
 
@@ -606,7 +595,7 @@ class SQLiteFeed:
         if "id" in patch and patch["id"] != doc_id:
             raise SchemaViolation("the id cannot change", [{
                 "field": "id", "message": "the id in the patch differs from the URL's"}])
-        return await self._write(self._update_sync, shape, doc_id, self._own_fields(patch))
+        return await self._write(self._update_sync, shape, doc_id, own_fields(patch))
 
     def _update_sync(self, shape: _Shape, doc_id: str, patch: JSONObject) -> WriteResult:
         db = self._writer

@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from tidings import __version__
+from tidings.chat import ChatConfig, ChatService
 from tidings.errors import TidingsError
 from tidings.feeds import Retention, load_config, open_feed
 from tidings.hub.auth import KeyConfig
@@ -31,6 +32,7 @@ from tidings.hub.hub import Hub, HubConfig
 from tidings.hub.subscriber import SubscriberLimits
 from tidings.settings import Settings
 from tidings.transports import open_transport
+from tidings.web.chat import ChatAPI, ChatStreams
 from tidings.web.collections import RESUME_HEADER, CollectionsAPI
 from tidings.web.mercure import MercureEndpoint, RequestParts, claims_for
 from tidings.web.openapi import openapi_document
@@ -119,6 +121,20 @@ def create_app(settings: Settings) -> TidingsApp:
         anonymous=settings.anonymous,
         max_body=settings.max_body,
     )
+    # The chat (docs/chat.md): the page at /, its API, presence from its hub streams. Its
+    # presence and rate limits live in one process, so it is off with several workers.
+    chat: ChatService | None = None
+    chat_api: ChatAPI | None = None
+    chat_streams: ChatStreams | None = None
+    if settings.chat and settings.workers <= 1:
+        chat = ChatService(hub, ChatConfig(
+            db_url=settings.db,
+            session_ttl_s=settings.chat_session_ttl,
+            rate_messages=settings.chat_rate_messages,
+            rate_window_s=settings.chat_rate_window,
+        ), subscriber_key)
+        chat_api = ChatAPI(chat, publisher_key=_key(settings, settings.publisher_key))
+        chat_streams = ChatStreams(chat)
     started = time.time()
 
     async def index(request: Request) -> Response:
@@ -174,6 +190,8 @@ def create_app(settings: Settings) -> TidingsApp:
         await hub.start()
         if feed is not None:
             await feed.start()
+        if chat is not None:
+            await chat.start()
         _end_streams_on_signals(hub)
         # Everything imported and built so far lives as long as the process. Keeping it
         # out of the cyclic GC's sight makes a full collection (which otherwise stalls
@@ -184,10 +202,14 @@ def create_app(settings: Settings) -> TidingsApp:
             yield
         finally:
             try:
-                if feed is not None:
-                    await feed.stop()
+                if chat is not None:
+                    await chat.stop()
             finally:
-                await hub.stop()
+                try:
+                    if feed is not None:
+                        await feed.stop()
+                finally:
+                    await hub.stop()
 
     middleware = []
     if settings.cors_origins:
@@ -201,11 +223,14 @@ def create_app(settings: Settings) -> TidingsApp:
         ))
     app = Starlette(
         routes=[
-            Route("/", index),
+            *(chat_api.routes() if chat_api is not None else [Route("/", index)]),
+            Route("/hub", index),
             Route("/healthz", healthz),
             Route("/metrics", metrics),
             Route("/openapi.json", openapi),
-            Route("/.well-known/mercure", mercure, methods=["GET", "HEAD", "POST"]),
+            Route("/.well-known/mercure",
+                  chat_streams.wrap(mercure) if chat_streams is not None else mercure,
+                  methods=["GET", "HEAD", "POST"]),
             Route("/.well-known/mercure/subscriptions", subscriptions),
             Route("/.well-known/mercure/subscriptions/{rest:path}", subscriptions),
             *collections.routes(),
@@ -214,7 +239,7 @@ def create_app(settings: Settings) -> TidingsApp:
         middleware=middleware,
         lifespan=lifespan,
     )
-    return TidingsApp(app, hub, None if settings.cors_origins else mercure)
+    return TidingsApp(app, hub, None if settings.cors_origins else mercure, chat_streams)
 
 
 class TidingsApp:
@@ -226,10 +251,13 @@ class TidingsApp:
     goes through Starlette so that the CORS middleware sees hub requests too.
     """
 
-    def __init__(self, app: Starlette, hub: Hub, fast_path: MercureEndpoint | None) -> None:
+    def __init__(self, app: Starlette, hub: Hub, fast_path: MercureEndpoint | None,
+                 chat_streams: ChatStreams | None = None) -> None:
         self.app = app
         self.hub = hub
         self.fast_path = fast_path
+        # Subscriptions with a chat session cookie pass the chat's presence gate first.
+        self.chat_streams = chat_streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -237,6 +265,9 @@ class TidingsApp:
             and scope["type"] == "http"
             and scope["path"] == "/.well-known/mercure"
         ):
-            await self.fast_path(scope, receive, send)
+            if self.chat_streams is not None and self.chat_streams.wants(scope):
+                await self.chat_streams(scope, receive, send, self.fast_path)
+            else:
+                await self.fast_path(scope, receive, send)
         else:
             await self.app(scope, receive, send)

@@ -3,6 +3,8 @@ fuzzed. Written by hand: the routes are few and their shapes are the Mercure pro
 
 from __future__ import annotations
 
+from tidings.web.chat import openapi_paths as chat_paths
+
 __all__ = ["openapi_document"]
 
 _ERROR = {
@@ -157,9 +159,13 @@ def openapi_document(version: str) -> dict[str, object]:
             "/openapi.json": {"get": {"summary": "This document",
                                       "responses": {"200": {"description": "OpenAPI",
                                                             "content": {"application/json": {}}}}}},
-            "/": {"get": {"summary": "Status page and debugger",
+            "/": {"get": {"summary": "The chat (with --no-chat: the status page and debugger)",
                           "responses": {"200": {"description": "HTML",
                                                 "content": {"text/html": {}}}}}},
+            "/hub": {"get": {"summary": "Status page and debugger",
+                             "responses": {"200": {"description": "HTML",
+                                                   "content": {"text/html": {}}}}}},
+            **chat_paths(),
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
