@@ -43,11 +43,11 @@ by T2, which then updates r. With the statement trigger T1 waits before locking 
 
 The cost, in throughput: writers to the watched tables of one schema commit one at a
 time, each holding the lock from its first watched statement through its commit (the WAL
-flush included), so their rate is at most 1 / (that span): short autocommit writes reach
-thousands per second (docs/feeds.md has measured numbers), a transaction that writes to a
-watched table and then waits on something else holds up every other watched writer, and
-concurrent watched writers no longer share WAL flushes. Readers never wait, and writers to
-tables that are not watched are not affected.
+flush included), so their rate is at most 1 / (that span) however many connections write
+(docs/feeds.md: 1,300 to 3,300 a second on the development VM); a transaction that
+writes to a watched table and then waits on something else holds up every other watched
+writer; concurrent watched writers no longer share WAL flushes. Readers never wait, and
+writers to tables that are not watched are not affected.
 
 Tailing. One tailer per schema among all processes: it holds a session-level advisory
 lock on a connection of its own (another process waits in `pg_advisory_lock` and takes
