@@ -123,7 +123,7 @@ class Subscriber:
         self._max_bytes = limits.max_bytes
         # While replaying, live frames wait here with their seq, so that the ones replay
         # also sent can be dropped when going live. Seq 0 marks a frame outside history.
-        self._backlog: list[tuple[int, bytes]] = []
+        self._backlog: list[tuple[int, bytes]] | None = []  # None once live
         # While live, frames to write. Lists, not deques: always drained whole, and an
         # empty deque costs 600 B per idle subscriber.
         self._frames: list[bytes] = []
@@ -132,7 +132,7 @@ class Subscriber:
         self.buffered_bytes = 0
         # Set by the hub: called when a LIVE subscriber has frames and no flush pending.
         self._on_ready = on_ready
-        self._on_close: Callable[[], None] | None = None
+        self._on_close: Callable[[], object] | None = None
         self.sink: Sink | None = None
         self.dirty = False  # waiting in the hub's flush list
         self.busy = False  # the sink is still writing the previous chunk
@@ -166,10 +166,11 @@ class Subscriber:
                 self.dirty = True
                 self._on_ready(self)
             return True
-        if len(self._backlog) >= self._max_frames or size > self._max_bytes:
+        backlog = self._backlog
+        if backlog is None or len(backlog) >= self._max_frames or size > self._max_bytes:
             self.close(CloseReason.SLOW)
             return False
-        self._backlog.append((seq, frame))
+        backlog.append((seq, frame))
         self.buffered_bytes = size
         return True
 
@@ -187,7 +188,7 @@ class Subscriber:
         """Replay is done: from now on the hub's flushes write to `sink`."""
         self.sink = sink
         self._floor = floor = self.last_sent_seq
-        backlog, self._backlog = self._backlog, []
+        backlog, self._backlog = self._backlog or [], None
         self._frames = [frame for seq, frame in backlog if seq == 0 or seq > floor]
         self.buffered_bytes = sum(len(frame) for frame in self._frames)
         self._move(State.LIVE)
@@ -212,7 +213,7 @@ class Subscriber:
             self.dirty = True
             self._on_ready(self)
 
-    def on_close(self, callback: Callable[[], None] | None) -> None:
+    def on_close(self, callback: Callable[[], object] | None) -> None:
         """Run `callback` when the subscriber is closed (the web layer ends the response)."""
         self._on_close = callback
 
@@ -222,7 +223,7 @@ class Subscriber:
         self._move(State.CLOSED)
         self.close_reason = reason
         self._frames = []
-        self._backlog = []
+        self._backlog = None
         self.buffered_bytes = 0
         callback, self._on_close = self._on_close, None
         if callback is not None:

@@ -228,12 +228,9 @@ async def stream_subscription(subscription: Subscription, receive: Receive, send
     task = asyncio.current_task()
     assert task is not None
 
-    def interrupt() -> None:
-        task.cancel()
-
     # In place from the start: a `send()` of the replay may wait forever on a client that
     # stopped reading, and closing the subscriber (its buffer overflowed) must end that.
-    sub.on_close(interrupt)
+    sub.on_close(task.cancel)
     try:
         try:
             async for chunk in subscription.replay():
