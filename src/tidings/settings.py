@@ -74,6 +74,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("chat_rate_messages", 10, "int",
             "Chat messages a user may post per --chat-rate-window (then 429)."),
     Setting("chat_rate_window", 10.0, "float", "Seconds of the chat's rate-limit window."),
+    Setting("assistant_url", "", "str",
+            "OpenAI-compatible endpoint for @assistant in chat rooms (base URL: llama.cpp, "
+            "vLLM, Ollama...; Tidings POSTs {url}/v1/chat/completions). Unset: no assistant."),
+    Setting("assistant_model", "", "str", "Model name sent to the assistant endpoint."),
+    Setting("assistant_key", "", "str",
+            "Bearer token for the assistant endpoint, when it needs one."),
+    Setting("assistant_timeout", 30.0, "float",
+            "Seconds the assistant endpoint may stay silent (connecting, before or between "
+            "chunks) before its reply ends with an error."),
+    Setting("assistant_max_prompt", 2000, "int",
+            "Longest prompt (characters) sent to the assistant (then 422)."),
 )
 
 
@@ -108,6 +119,11 @@ class Settings:
     chat_session_ttl: float = 604_800.0
     chat_rate_messages: int = 10
     chat_rate_window: float = 10.0
+    assistant_url: str = ""
+    assistant_model: str = ""
+    assistant_key: str = ""
+    assistant_timeout: float = 30.0
+    assistant_max_prompt: int = 2000
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

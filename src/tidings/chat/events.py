@@ -4,6 +4,8 @@ Every update is a JSON object with a `type`:
 
     message.created / message.updated   {"type", "message": {id, room, dm, sender, ...}}
     message.deleted                     {"type", "message": {id, room, dm}}
+    message.delta                       {"type", "message": {id, room, dm}, "offset", "text"}
+    message.completed                   {"type", "message": {id, ..., "assistant": {...}}}
     member.joined / member.left         {"type", "room", "user"}
     room.created                        {"type", "room": {name, created_by, created_at}}
     typing                              {"type", "room", "dm", "user", "at"}     (ephemeral)
@@ -34,8 +36,10 @@ from tidings.chat.model import (
 __all__ = [
     "Outgoing",
     "member_event",
+    "message_completed",
     "message_created",
     "message_deleted",
+    "message_delta",
     "message_updated",
     "notification",
     "presence",
@@ -66,6 +70,25 @@ def message_created(message: Message) -> Outgoing:
 def message_updated(message: Message) -> Outgoing:
     return _out(message.conversation.topic,
                 {"type": "message.updated", "message": message.to_json()})
+
+
+def message_delta(message_id: int, conversation: Conversation, offset: int,
+                  text: str) -> Outgoing:
+    """More text of a streaming reply: `text` goes at `offset` (in Unicode code points)
+    of its content. A reader that has more than `offset` already keeps only the rest, so
+    a delta seen twice (a snapshot and the stream, a replay) changes nothing."""
+    return _out(conversation.topic, {
+        "type": "message.delta",
+        "message": {"id": message_id, **conversation.fields()},
+        "offset": offset,
+        "text": text,
+    })
+
+
+def message_completed(message: Message) -> Outgoing:
+    """A streaming reply has ended (completed, cancelled or failed): the whole message."""
+    return _out(message.conversation.topic,
+                {"type": "message.completed", "message": message.to_json()})
 
 
 def message_deleted(message_id: int, conversation: Conversation) -> Outgoing:

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from tidings.chat.errors import InvalidInput
 
 __all__ = [
+    "ASSISTANT",
     "MAX_MESSAGE_LENGTH",
     "MAX_PASSWORD_LENGTH",
     "MIN_PASSWORD_LENGTH",
@@ -31,6 +32,7 @@ __all__ = [
     "ROOMS_TOPIC",
     "Conversation",
     "Message",
+    "Reply",
     "check_content",
     "check_password",
     "check_room_name",
@@ -47,6 +49,8 @@ MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
 ROOMS_TOPIC = "/chat/rooms"
 PRESENCE_TOPIC = "/chat/presence"
+# The sender of the assistant's replies (a reserved username: nobody can sign up as it).
+ASSISTANT = "assistant"
 
 _USERNAME = re.compile(r"[a-z0-9_]{2,32}")
 _ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -187,6 +191,22 @@ class Conversation:
 
 
 @dataclass(frozen=True, slots=True)
+class Reply:
+    """What makes a message an assistant's reply: who asked (in answer to which message),
+    and where it stands: `streaming`, then `completed`, `cancelled` or `failed` (with a
+    `note` saying why), or `unavailable` (no assistant configured)."""
+
+    asker: str
+    reply_to: int | None
+    state: str
+    note: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"asker": self.asker, "reply_to": self.reply_to, "state": self.state,
+                "note": self.note}
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     id: int
     conversation: Conversation
@@ -194,9 +214,10 @@ class Message:
     content: str
     created_at: str
     edited_at: str | None = None
+    reply: Reply | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "id": self.id,
             **self.conversation.fields(),
             "sender": self.sender,
@@ -204,3 +225,6 @@ class Message:
             "created_at": self.created_at,
             "edited_at": self.edited_at,
         }
+        if self.reply is not None:
+            out["assistant"] = self.reply.to_json()
+        return out

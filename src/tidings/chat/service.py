@@ -10,18 +10,22 @@ subscribed to the conversation's topic, or replays it to one that resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tidings.chat import events
 from tidings.chat.accounts import Passwords, Session, SessionTokens
+from tidings.chat.assistant import AssistantConfig
 from tidings.chat.errors import (
     BadCredentials,
     InvalidInput,
     NoSession,
     RateLimited,
+    Taken,
     UnknownMessage,
     UnknownRoom,
     UnknownTask,
@@ -29,6 +33,7 @@ from tidings.chat.errors import (
 )
 from tidings.chat.exports import FORMATS, Exports
 from tidings.chat.model import (
+    ASSISTANT,
     MAX_MESSAGE_LENGTH,
     PRESENCE_TOPIC,
     ROOMS_TOPIC,
@@ -46,7 +51,9 @@ from tidings.chat.model import (
 from tidings.chat.presence import Connection, PresenceTracker
 from tidings.chat.ratelimit import SlidingWindow
 from tidings.chat.relay import Relay
+from tidings.chat.replies import Replies
 from tidings.chat.store import ChatStore, TaskRow, UserRow
+from tidings.errors import ServiceUnavailable, TidingsError
 from tidings.hub.auth import KeyConfig
 from tidings.hub.hub import Hub
 from tidings.hub.update import Update
@@ -71,6 +78,8 @@ class ChatConfig:
     presence_grace_s: float = 2.0
     # A user's typing updates in one conversation go out at most this often.
     typing_interval_s: float = 1.0
+    # The assistant's endpoint (None or no url: `@assistant` says none is configured).
+    assistant: AssistantConfig | None = None
 
 
 def _user_json(user: UserRow) -> dict[str, object]:
@@ -87,6 +96,7 @@ class ChatService:
         self.relay = Relay(self.store, hub)
         self.presence = PresenceTracker(self._announce_presence, config.presence_grace_s)
         self.exports = Exports(self.store)
+        self.replies = Replies(self.store, config.assistant)
         self.limiter = SlidingWindow(config.rate_messages, config.rate_window_s)
         self.login_limiter = SlidingWindow(_LOGIN_ATTEMPTS, _LOGIN_WINDOW_S)
         self._rooms: set[str] = set()
@@ -103,12 +113,14 @@ class ChatService:
         self._rooms = await self.store.room_names()
         await self.relay.start()
         await self.exports.start()
+        await self.replies.start()
         if not self.tokens.usable:
             log.warning("chat: sign-in is disabled; the subscriber key must be an HMAC "
                         "secret to sign sessions")
 
     async def stop(self) -> None:
         await self.presence.close()
+        await self.replies.stop()
         await self.exports.stop()
         await self.relay.stop()
         await self.store.stop()
@@ -124,6 +136,8 @@ class ChatService:
                                                                         Session]:
         name = check_username(username)
         secret = check_password(password)
+        if name == ASSISTANT:
+            raise Taken(f"the username {name!r} is reserved")
         self.tokens.require_key()  # no signing key: 503 before anything is stored
         user = await self.store.create_user(name, await self.passwords.hash(secret))
         log.info("chat: user %s signed up", name)
@@ -258,6 +272,9 @@ class ChatService:
 
     async def post(self, me: str, conversation: Conversation, content: object) -> Message:
         text = check_content(content)
+        ask = conversation.room is not None and ASSISTANT in mentions(text)
+        if ask:
+            self.replies.check_prompt(text, "content")
         wait_s = self.limiter.hit(me)
         if wait_s:
             raise RateLimited(
@@ -266,7 +283,34 @@ class ChatService:
         message, notified = await self.store.post(conversation, me, text, mentions(text))
         if notified:
             log.debug("chat: message %s mentions %s", message.id, notified)
+        if ask:
+            try:
+                await self.replies.answer(me, message)
+            except TidingsError as exc:  # the message is posted; only the reply is lost
+                log.warning("chat: could not start the assistant's reply to %s: %s",
+                            message.id, exc)
         return message
+
+    async def cancel_reply(self, me: str, conversation: Conversation,
+                           message_id: str) -> Message:
+        return await self.replies.cancel(me, conversation, self._message_id(message_id))
+
+    def private_reply(self, me: str, conversation: Conversation,
+                      prompt: object) -> contextlib.AbstractAsyncContextManager[
+                          AsyncIterator[str]]:
+        """Check a question for the assistant (422, 429, 503 when none is configured)
+        and return its private reply, to open once the response has started."""
+        if not isinstance(prompt, str) or not prompt.strip() or "\0" in prompt:
+            raise InvalidInput("prompt", "prompt must be a non-empty string")
+        self.replies.check_prompt(prompt, "prompt")
+        if not self.replies.configured:
+            raise ServiceUnavailable("no assistant is configured on this server")
+        wait_s = self.limiter.hit(me)
+        if wait_s:
+            raise RateLimited(
+                f"at most {self.limiter.limit} messages in {self.limiter.window_s:g} s; "
+                f"wait {wait_s} s", wait_s)
+        return self.replies.private(me, conversation, prompt)
 
     async def history(self, conversation: Conversation, before: str | None,
                       limit: str | None) -> dict[str, object]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import secrets
 import sqlite3
@@ -36,7 +37,7 @@ from tidings.chat.errors import (
     UnknownUser,
 )
 from tidings.chat.events import Outgoing
-from tidings.chat.model import Conversation, Message, now_iso
+from tidings.chat.model import ASSISTANT, Conversation, Message, Reply, now_iso
 from tidings.errors import ServiceUnavailable
 
 __all__ = ["DEFAULT_ROOM", "ChatStore", "OutboxRow", "TaskRow", "UserRow", "path_of"]
@@ -102,6 +103,13 @@ CREATE TABLE IF NOT EXISTS chat_tasks (
     result     BLOB,
     error      TEXT,
     created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chat_replies (
+    id       INTEGER PRIMARY KEY,
+    asker    TEXT NOT NULL,
+    reply_to INTEGER,
+    state    TEXT NOT NULL,
+    note     TEXT
 );
 CREATE TABLE IF NOT EXISTS chat_outbox (
     seq   INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -575,7 +583,95 @@ class ChatStore:
             f"SELECT {_MESSAGE_COLUMNS} FROM chat_messages WHERE conv = ? AND id < ? "
             f"ORDER BY id DESC LIMIT ?",
             (conv.key, before if before is not None else 2**62, limit)).fetchall()
-        return [_message(row) for row in rows]
+        return self._with_replies(self.db, [_message(row) for row in rows])
+
+    @staticmethod
+    def _with_replies(db: sqlite3.Connection, messages: list[Message]) -> list[Message]:
+        """The assistant's messages with their reply state."""
+        ids = [m.id for m in messages if m.sender == ASSISTANT]
+        if not ids:
+            return messages
+        replies = {int(r[0]): Reply(str(r[1]), None if r[2] is None else int(r[2]), str(r[3]),
+                                    None if r[4] is None else str(r[4]))
+                   for r in db.execute(
+                       "SELECT id, asker, reply_to, state, note FROM chat_replies WHERE id IN "
+                       f"({','.join('?' * len(ids))})", ids)}
+        return [dataclasses.replace(m, reply=replies.get(m.id)) if m.id in replies else m
+                for m in messages]
+
+    async def message(self, message_id: int) -> Message:
+        return await self._call(self._message_by_id, message_id)
+
+    def _message_by_id(self, message_id: int) -> Message:
+        row = self.db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM chat_messages WHERE id = ?",
+                              (message_id,)).fetchone()
+        if row is None:
+            raise UnknownMessage(f"no message {message_id}")
+        return self._with_replies(self.db, [_message(row)])[0]
+
+    # -- the assistant's replies -------------------------------------------------------------
+
+    async def start_reply(self, conv: Conversation, asker: str, reply_to: int | None,
+                          content: str = "", state: str = "streaming",
+                          note: str | None = None) -> Message:
+        """Store a reply from the assistant (empty while it streams) and its
+        `message.created`."""
+        return await self._write(self._start_reply, conv, asker, reply_to, content, state,
+                                 note)
+
+    def _start_reply(self, conv: Conversation, asker: str, reply_to: int | None, content: str,
+                     state: str, note: str | None) -> Message:
+        db = self.db
+        now = now_iso()
+        with _transaction(db):
+            if conv.room is not None:
+                self._room_exists(db, conv.room)
+            cursor = db.execute(
+                "INSERT INTO chat_messages (conv, sender, content, created_at) "
+                "VALUES (?, ?, ?, ?)", (conv.key, ASSISTANT, content, now))
+            reply = Reply(asker, reply_to, state, note)
+            message = Message(int(cursor.lastrowid or 0), conv, ASSISTANT, content, now,
+                              reply=reply)
+            db.execute("INSERT INTO chat_replies VALUES (?, ?, ?, ?, ?)",
+                       (message.id, asker, reply_to, state, note))
+            _emit(db, events.message_created(message))
+        return message
+
+    async def append_reply(self, message_id: int, conv: Conversation, offset: int,
+                           text: str) -> None:
+        """Append to a streaming reply, with its `message.delta`, in one commit."""
+        await self._write(self._append_reply, message_id, conv, offset, text)
+
+    def _append_reply(self, message_id: int, conv: Conversation, offset: int,
+                      text: str) -> None:
+        db = self.db
+        with _transaction(db):
+            db.execute("UPDATE chat_messages SET content = content || ? WHERE id = ?",
+                       (text, message_id))
+            _emit(db, events.message_delta(message_id, conv, offset, text))
+
+    async def finish_reply(self, message_id: int, state: str, note: str | None) -> Message:
+        """End a streaming reply (with its `message.completed`). A reply that has ended
+        already stays as it is: the first end wins."""
+        return await self._write(self._finish_reply, message_id, state, note)
+
+    def _finish_reply(self, message_id: int, state: str, note: str | None) -> Message:
+        db = self.db
+        with _transaction(db):
+            changed = db.execute(
+                "UPDATE chat_replies SET state = ?, note = ? WHERE id = ? AND "
+                "state = 'streaming'", (state, note, message_id)).rowcount
+            message = self._message_by_id(message_id)
+            if changed:
+                _emit(db, events.message_completed(message))
+        return message
+
+    async def streaming_replies(self) -> list[int]:
+        return await self._call(self._streaming_replies)
+
+    def _streaming_replies(self) -> list[int]:
+        return [int(r[0]) for r in self.db.execute(
+            "SELECT id FROM chat_replies WHERE state = 'streaming' ORDER BY id")]
 
     async def messages_after(self, conv: Conversation, after: int,
                              limit: int) -> list[Message]:

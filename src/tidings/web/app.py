@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from tidings import __version__
 from tidings.chat import ChatConfig, ChatService
+from tidings.chat.assistant import AssistantConfig
 from tidings.errors import TidingsError
 from tidings.feeds import Retention, load_config, open_feed
 from tidings.hub.auth import KeyConfig
@@ -132,6 +133,10 @@ def create_app(settings: Settings) -> TidingsApp:
             session_ttl_s=settings.chat_session_ttl,
             rate_messages=settings.chat_rate_messages,
             rate_window_s=settings.chat_rate_window,
+            assistant=AssistantConfig(
+                url=settings.assistant_url, model=settings.assistant_model,
+                key=settings.assistant_key, timeout_s=settings.assistant_timeout,
+                max_prompt=settings.assistant_max_prompt),
         ), subscriber_key)
         chat_api = ChatAPI(chat, publisher_key=_key(settings, settings.publisher_key))
         chat_streams = ChatStreams(chat)

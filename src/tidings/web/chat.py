@@ -15,6 +15,8 @@ presence gate in front of the hub's endpoint.
     GET    /api/dm                                one's direct conversations (unread)
     GET    /api/dm/U/messages     POST, PATCH, DELETE, typing, read: as for rooms
     PATCH  /api/messages/ID       DELETE /api/messages/ID
+    POST   /api/rooms/R/assistant {"prompt"}      text/event-stream: delta..., done | error
+    POST   /api/rooms/R/assistant/ID/cancel       stop a streaming reply (its asker only)
     POST   /api/notifications     {"user", "message", "type"} with a publisher token
     GET    /api/tasks/ID          GET /api/tasks/ID/download
 
@@ -27,10 +29,12 @@ change and no other credential. API clients may send the token as `Authorization
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,7 @@ from tidings.errors import (
     Unauthorized,
 )
 from tidings.hub.auth import KeyConfig
+from tidings.sse import encode_event
 from tidings.web.mercure import RequestParts, claims_for
 
 __all__ = ["HUB_COOKIE", "SESSION_COOKIE", "ChatAPI", "ChatStreams", "openapi_paths"]
@@ -123,6 +128,9 @@ class ChatAPI:
             r("/api/rooms/{room}/typing", self.typing, methods=["POST"]),
             r("/api/rooms/{room}/read", self.read, methods=["POST"]),
             r("/api/rooms/{room}/export", self.export, methods=["POST"]),
+            r("/api/rooms/{room}/assistant", self.ask, methods=["POST"]),
+            r("/api/rooms/{room}/assistant/{id}/cancel", self.cancel_reply,
+              methods=["POST"]),
             r("/api/dm", self.dms, methods=["GET"]),
             r("/api/dm/{user}/messages", self.messages, methods=["GET", "POST"]),
             r("/api/dm/{user}/messages/{id}", self.message, methods=["PATCH", "DELETE"]),
@@ -342,6 +350,23 @@ class ChatAPI:
                             headers={"Location": f"/api/tasks/{task.id}"})
 
     @_handles_errors
+    async def ask(self, request: Request) -> Response:
+        session = await self._session(request)
+        conversation = self.service.room(request.path_params["room"])
+        body = await self._body(request)
+        reply = self.service.private_reply(session.username, conversation,
+                                           body.get("prompt"))
+        return AssistantStream(reply)
+
+    @_handles_errors
+    async def cancel_reply(self, request: Request) -> Response:
+        session = await self._session(request)
+        conversation = self.service.room(request.path_params["room"])
+        message = await self.service.cancel_reply(session.username, conversation,
+                                                  request.path_params["id"])
+        return JSONResponse(message.to_json())
+
+    @_handles_errors
     async def task(self, request: Request) -> Response:
         session = await self._session(request)
         task = await self.service.task(session.username, request.path_params["task"])
@@ -358,6 +383,74 @@ class ChatAPI:
             "Content-Disposition": f'attachment; filename="{filename}"',
             "Cache-Control": "private, no-store",
         })
+
+
+def _json_event(event: str, data: dict[str, object]) -> bytes:
+    return encode_event(json.dumps(data, ensure_ascii=False, separators=(",", ":")),
+                        event=event)
+
+
+class AssistantStream(Response):
+    """A private reply as `text/event-stream`: `delta` events (`{"text"}`) as it arrives,
+    then `done` (`{"text"}`: all of it) or `error` (`{"error", "text"}`: what came before).
+
+    The upstream request lives in this coroutine: when the caller goes away, the failed
+    send unwinds it and the endpoint's connection is closed, with no watcher task."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, reply: contextlib.AbstractAsyncContextManager[
+            AsyncIterator[str]]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = b""
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"private, no-cache, no-store"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        self._reply = reply
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": self.raw_headers})
+        # The body has been read: the next message is the caller leaving (the server
+        # reports it; a send to a closed connection does not fail), which stops the reply.
+        streaming = asyncio.create_task(self._stream(send))
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            streaming.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await streaming
+        except asyncio.CancelledError:
+            if not left:
+                raise
+        finally:
+            watcher.cancel()
+
+    async def _stream(self, send: Send) -> None:
+        text: list[str] = []
+        try:
+            async with self._reply as pieces:
+                async for piece in pieces:
+                    text.append(piece)
+                    await send({"type": "http.response.body",
+                                "body": _json_event("delta", {"text": piece}),
+                                "more_body": True})
+            last = _json_event("done", {"text": "".join(text)})
+        except TidingsError as exc:  # AssistantFailed, or the database went away
+            last = _json_event("error", {"error": exc.message, "text": "".join(text)})
+        except TimeoutError:
+            last = _json_event("error", {"error": "the reply took too long",
+                                         "text": "".join(text)})
+        await send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 class ChatStreams:
@@ -462,6 +555,12 @@ _OPERATIONS: tuple[tuple[str, str, str, bool, str], ...] = (
     ("/api/dm/{user}/read", "post", "Mark read ({id} optional)", False, "200"),
     ("/api/messages/{id}", "patch", "Edit one's own message", True, "200"),
     ("/api/messages/{id}", "delete", "Delete one's own message", False, "204"),
+    ("/api/rooms/{room}/assistant", "post",
+     "Ask the assistant privately ({prompt}): text/event-stream of `delta` events "
+     "({text}), then `done` ({text}) or `error` ({error, text})", True, "200"),
+    ("/api/rooms/{room}/assistant/{id}/cancel", "post",
+     "Stop a streaming reply of the assistant (the person who asked only); it keeps its "
+     "text, marked cancelled", False, "200"),
     ("/api/notifications", "post",
      "Notify a user ({user, message, type}); needs a publisher token", True, "202"),
     ("/api/tasks/{task}", "get", "A task's state (its owner only)", False, "200"),
@@ -489,5 +588,9 @@ def openapi_paths() -> dict[str, dict[str, object]]:
                                         "schema": {"type": "string"}} for name in names]
         if body:
             operation["requestBody"] = {"required": True, **_OBJECT}
+        if path.endswith("/assistant"):
+            operation["responses"][status] = {  # type: ignore[index]
+                "description": "The reply as it arrives", "content": {
+                    "text/event-stream": {"schema": {"type": "string"}}}}
         paths.setdefault(path, {})[method] = operation
     return paths

@@ -391,6 +391,8 @@ async function loadOlder(key) {
     for (const message of page.messages) {
       if (!entry.messages.has(message.id) && !entry.deleted?.has(message.id)) {
         entry.messages.set(message.id, message);
+      } else if (message.assistant) {
+        mergeReply(entry, message); // a streaming reply: keep whichever is further along
       }
       if (entry.oldest === null || message.id < entry.oldest) entry.oldest = message.id;
     }
@@ -416,16 +418,110 @@ function messageNode(message) {
       el("button", { type: "button", class: "link", text: "Delete",
         "aria-label": `Delete message ${message.id}`, onclick: () => remove(message.id) }))
     : null;
+  const reply = message.assistant;
   return el("li", {
-    class: `msg${mine ? " mine" : ""}${mentioned ? " mention" : ""}`,
+    class: `msg${mine ? " mine" : ""}${mentioned ? " mention" : ""}${reply ? " assistant" : ""}`,
     "data-id": message.id,
+    "data-state": reply ? reply.state : null,
   },
   el("div", { class: "meta" },
     el("span", { class: "sender", text: message.sender }),
     el("time", { datetime: message.created_at, text: timeOf(message.created_at) }),
     message.edited_at ? el("span", { class: "edited", text: "(edited)" }) : null,
+    reply ? replyStatus(message) : null,
     actions),
-  el("p", { class: "content", text: message.content }));
+  el("p", { class: "content", text: message.content }),
+  reply?.note ? el("p", { class: reply.state === "failed" ? "note error" : "note",
+    text: reply.note }) : null);
+}
+
+// -- the assistant's replies ---------------------------------------------------------------
+// A reply arrives as message.created (empty, state "streaming"), message.delta updates
+// ({offset, text}: text at that offset, in code points), then message.completed (the
+// stored message). A delta repeats nothing: one that overlaps what the page has (a
+// snapshot loaded mid-reply, a replay after a reconnect) adds only the rest.
+
+const codePoints = (text) => Array.from(text);
+
+function replyStatus(message) {
+  const reply = message.assistant;
+  if (reply.state !== "streaming") {
+    const labels = { cancelled: "(stopped)", failed: "(failed)", unavailable: "" };
+    return labels[reply.state] ? el("span", { class: "edited", text: labels[reply.state] }) : null;
+  }
+  const stop = reply.asker === state.me.username && message.room
+    ? el("button", { type: "button", class: "link", text: "Stop",
+      "aria-label": `Stop the assistant's reply ${message.id}`,
+      onclick: () => stopReply(message) })
+    : null;
+  return el("span", { class: "actions" },
+    el("span", { class: "streaming", text: "writing…" }), stop);
+}
+
+async function stopReply(message) {
+  try {
+    const ended = await api("POST",
+      `/api/rooms/${encodeURIComponent(message.room)}/assistant/${message.id}/cancel`);
+    setReply(ended);
+  } catch (error) {
+    toast(error.message, "error");
+  }
+}
+
+// Keep the version of a reply that is further along: an ended one, else the longer one.
+function mergeReply(entry, message) {
+  const known = entry.messages.get(message.id);
+  if (known?.assistant && known.assistant.state !== "streaming") return false;
+  if (known && message.assistant?.state === "streaming" &&
+      codePoints(known.content).length >= codePoints(message.content).length) return false;
+  entry.messages.set(message.id, message);
+  return true;
+}
+
+function setReply(message) {
+  const key = keyOf(message);
+  if (!key) return;
+  const entry = conv(key);
+  if (!entry.messages.has(message.id) && !entry.loaded) return;
+  if (mergeReply(entry, message) && state.current?.key === key) renderMessages();
+}
+
+function applyDelta(update) {
+  const key = keyOf(update.message);
+  if (!key) return;
+  const entry = conv(key);
+  const message = entry.messages.get(update.message.id);
+  if (!message || message.assistant?.state !== "streaming") return; // history brings it
+  const have = codePoints(message.content).length;
+  if (update.offset > have) { // a gap (should not happen): fetch the stored text
+    refetch(key, update.message);
+    return;
+  }
+  const fresh = codePoints(update.text).slice(have - update.offset).join("");
+  if (!fresh) return;
+  const grown = { ...message, content: message.content + fresh };
+  entry.messages.set(message.id, grown);
+  if (state.current?.key !== key) return;
+  const scroller = $("scroller");
+  const atBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 40;
+  const node = $("messages").querySelector(`li[data-id="${message.id}"] .content`);
+  if (node) node.textContent = grown.content;
+  else renderMessages();
+  if (atBottom) scroller.scrollTop = scroller.scrollHeight;
+}
+
+async function refetch(key, ref) {
+  const path = ref.room ? `/api/rooms/${encodeURIComponent(ref.room)}`
+    : `/api/dm/${encodeURIComponent(otherOf(ref.dm))}`;
+  try {
+    const page = await api("GET", `${path}/messages?before=${ref.id + 1}&limit=1`);
+    const message = page.messages.find((m) => m.id === ref.id);
+    if (message && mergeReply(conv(key), message) && state.current?.key === key) {
+      renderMessages();
+    }
+  } catch {
+    // message.completed will carry the whole text
+  }
 }
 
 // Full render of the current conversation (few hundred nodes at most), keeping the
@@ -652,6 +748,12 @@ function apply(update) {
     }
     case "message.updated":
       addMessage(update.message);
+      break;
+    case "message.delta":
+      applyDelta(update);
+      break;
+    case "message.completed":
+      setReply(update.message);
       break;
     case "message.deleted": {
       const key = keyOf(update.message);

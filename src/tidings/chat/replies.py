@@ -1,0 +1,193 @@
+"""The assistant in rooms: a message that mentions `@assistant` gets a reply that streams
+into the room as it is written.
+
+    message.created    the reply, empty, `"assistant": {"state": "streaming", "asker", ...}`
+    message.delta      `{"offset", "text"}`: text to put at `offset` (code points), repeated
+    message.completed  the whole stored message, state `completed`, `cancelled` or `failed`
+                       (with a `note` saying why)
+
+Each delta is one commit: the text appended to the stored message and its update in the
+outbox, together. So the hub's history holds every delta in order (a window that resumes
+mid-reply replays them), and the stored message is, at any moment, exactly the text of the
+deltas so far (a window that loads the history mid-reply gets it, then applies only the
+deltas past what it has). Deltas coalesce by themselves: while one commits, the next bytes
+wait in the socket, and the next read takes them all.
+
+A reply always ends: the endpoint's errors, silence past `--assistant-timeout`, the asker's
+Stop, a restart (replies still streaming at start are marked failed) and shutdown each
+store a final state. No polling: one task per reply, cancelled to stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tidings.chat.assistant import AssistantClient, AssistantConfig, AssistantFailed
+from tidings.chat.errors import InvalidInput, NotAllowed, UnknownMessage
+from tidings.chat.model import ASSISTANT, MAX_MESSAGE_LENGTH, Conversation, Message
+from tidings.chat.store import ChatStore
+from tidings.errors import ServiceUnavailable, TidingsError
+
+__all__ = ["NOT_CONFIGURED", "Replies"]
+
+log = logging.getLogger(__name__)
+
+NOT_CONFIGURED = ("Sorry, no assistant is configured on this server. (Whoever runs it can "
+                  "start it with --assistant-url, see docs/chat.md.)")
+_MAX_RUNNING = 16
+_MAX_REPLY_S = 600.0
+_SYSTEM = ("You are the assistant in the chat room #{room}. Each message from a person "
+           "starts with their username and a colon. Answer briefly, in plain text.")
+
+
+@dataclass(slots=True)
+class _Running:
+    task: asyncio.Task[None]
+    asker: str
+    conversation: Conversation
+    cancelled_by: str | None = None
+
+
+class Replies:
+    def __init__(self, store: ChatStore, config: AssistantConfig | None) -> None:
+        self._store = store
+        self.config = config or AssistantConfig()
+        self._client: AssistantClient | None = None
+        self._running: dict[int, _Running] = {}
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.config.url)
+
+    async def start(self) -> None:
+        if self.configured:
+            self._client = AssistantClient(self.config)
+        for message_id in await self._store.streaming_replies():
+            await self._store.finish_reply(message_id, "failed",
+                                           "interrupted: the server restarted")
+
+    async def stop(self) -> None:
+        running = list(self._running.values())
+        for reply in running:
+            reply.task.cancel()
+        if running:
+            await asyncio.wait([reply.task for reply in running])
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def check_prompt(self, text: str, field: str) -> None:
+        if len(text) > self.config.max_prompt:
+            raise InvalidInput(field, f"a question to the assistant is at most "
+                                      f"{self.config.max_prompt} characters")
+
+    async def context(self, conversation: Conversation, before: int | None) -> list[
+            dict[str, str]]:
+        """The room's latest messages (before id `before`) as chat messages, oldest first."""
+        history = await self._store.history(conversation, before, self.config.history)
+        messages = [{"role": "system", "content": _SYSTEM.format(room=conversation.room)}]
+        for message in reversed(history):
+            if message.sender == ASSISTANT:
+                if message.content and (message.reply is None
+                                        or message.reply.state != "unavailable"):
+                    messages.append({"role": "assistant", "content": message.content})
+            else:
+                messages.append({"role": "user",
+                                 "content": f"{message.sender}: {message.content}"})
+        return messages
+
+    # -- replies in the room -------------------------------------------------------------
+
+    async def answer(self, asker: str, question: Message) -> Message:
+        """Start the reply to `question` (returned at once, empty while it streams)."""
+        conversation = question.conversation
+        if self._client is None:
+            return await self._store.start_reply(conversation, asker, question.id,
+                                                 NOT_CONFIGURED, "unavailable")
+        if len(self._running) >= _MAX_RUNNING:
+            return await self._store.start_reply(
+                conversation, asker, question.id, "", "failed",
+                "the assistant is busy with other replies; ask again in a moment")
+        message = await self._store.start_reply(conversation, asker, question.id)
+        task = asyncio.create_task(self._run(message, self._client),
+                                   name=f"tidings-assistant-{message.id}")
+        self._running[message.id] = _Running(task, asker, conversation)
+        task.add_done_callback(lambda _: self._running.pop(message.id, None))
+        return message
+
+    async def _run(self, message: Message, client: AssistantClient) -> None:
+        state, note = "completed", None
+        offset = 0
+        try:
+            prompt = await self.context(message.conversation, message.id)
+            async with asyncio.timeout(_MAX_REPLY_S), client.stream(prompt) as pieces:
+                async for piece in pieces:
+                    room = MAX_MESSAGE_LENGTH - offset
+                    text = piece[:room]
+                    await self._store.append_reply(message.id, message.conversation,
+                                                   offset, text)
+                    offset += len(text)
+                    if len(piece) >= room:
+                        note = f"cut at {MAX_MESSAGE_LENGTH} characters"
+                        break
+        except AssistantFailed as exc:
+            state, note = "failed", exc.message
+        except TimeoutError:
+            state, note = "failed", f"the reply took longer than {_MAX_REPLY_S:g} s"
+        except asyncio.CancelledError:
+            running = self._running.get(message.id)
+            if running is None or running.cancelled_by is None:
+                await self._finish(message.id, "failed", "the server stopped")
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            state, note = "cancelled", f"stopped by {running.cancelled_by}"
+        except Exception:
+            log.exception("assistant: reply %s failed", message.id)
+            state, note = "failed", "the reply failed on the server"
+        await self._finish(message.id, state, note)
+
+    async def _finish(self, message_id: int, state: str, note: str | None) -> None:
+        try:
+            await self._store.finish_reply(message_id, state, note)
+        except TidingsError as exc:  # the database went away: the next start marks it
+            log.warning("assistant: could not end reply %s: %s", message_id, exc)
+
+    async def cancel(self, me: str, conversation: Conversation, message_id: int) -> Message:
+        """Stop a reply (its asker only); it keeps the text it has, marked cancelled. A
+        reply that has ended already is returned as it is."""
+        running = self._running.get(message_id)
+        if running is None:
+            message = await self._store.message(message_id)
+            if message.conversation != conversation or message.reply is None:
+                raise UnknownMessage(f"no reply {message_id} here")
+            if message.reply.asker != me:
+                raise NotAllowed("only the person who asked can stop this reply")
+            return message
+        if running.conversation != conversation:
+            raise UnknownMessage(f"no reply {message_id} here")
+        if running.asker != me:
+            raise NotAllowed("only the person who asked can stop this reply")
+        running.cancelled_by = me
+        running.task.cancel()
+        await asyncio.wait([running.task])
+        # A task cancelled before it ran never stored its end: store it here (no-op else).
+        return await self._store.finish_reply(message_id, "cancelled", f"stopped by {me}")
+
+    # -- private answers ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def private(self, me: str, conversation: Conversation,
+                      prompt: str) -> AsyncIterator[AsyncIterator[str]]:
+        """A reply for `me` alone (with the room's latest messages as context)."""
+        if self._client is None:
+            raise ServiceUnavailable("no assistant is configured on this server")
+        messages = await self.context(conversation, None)
+        messages.append({"role": "user", "content": f"{me}: {prompt}"})
+        async with asyncio.timeout(_MAX_REPLY_S), self._client.stream(messages) as pieces:
+            yield pieces
