@@ -33,9 +33,10 @@ from tidings.hub.hub import Hub, HubConfig
 from tidings.hub.subscriber import SubscriberLimits
 from tidings.settings import Settings
 from tidings.transports import open_transport
+from tidings.web.access import RequestParts, claims_for
 from tidings.web.chat import ChatAPI, ChatStreams
 from tidings.web.collections import RESUME_HEADER, CollectionsAPI
-from tidings.web.mercure import MercureEndpoint, RequestParts, claims_for
+from tidings.web.mercure import MercureEndpoint
 from tidings.web.openapi import openapi_document
 
 __all__ = ["SETTINGS_ENV", "TidingsApp", "app_from_environment", "create_app"]

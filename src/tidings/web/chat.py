@@ -58,7 +58,7 @@ from tidings.errors import (
 )
 from tidings.hub.auth import KeyConfig
 from tidings.sse import encode_event
-from tidings.web.mercure import RequestParts, claims_for
+from tidings.web.access import RequestParts, publisher_claims
 
 __all__ = ["HUB_COOKIE", "SESSION_COOKIE", "ChatAPI", "ChatStreams", "openapi_paths"]
 
@@ -326,11 +326,8 @@ class ChatAPI:
 
     @_handles_errors
     async def notify(self, request: Request) -> Response:
-        if self.publisher_key is None:
-            raise Unauthorized("notifications are disabled: no publisher key is configured")
-        claims = claims_for(RequestParts(request.scope), self.publisher_key)
-        if claims is None:
-            raise TokenMissing("sending a notification needs a publisher token")
+        claims = publisher_claims(RequestParts(request.scope), self.publisher_key,
+                                  doing="sending a notification")
         body = await self._body(request)
         user = body.get("user")
         topic = notifications_topic(str(user).strip().lower()) if isinstance(user, str) else ""

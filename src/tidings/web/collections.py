@@ -34,7 +34,6 @@ from starlette.types import Receive, Scope, Send
 from tidings.errors import (
     BadRequest,
     Forbidden,
-    PayloadTooLarge,
     ServiceUnavailable,
     TidingsError,
     TokenMissing,
@@ -54,8 +53,9 @@ from tidings.hub.auth import Claims, KeyConfig
 from tidings.hub.hub import Hub
 from tidings.hub.topics import compile_selector
 from tidings.sse import encode_event
+from tidings.web.access import RequestParts, publisher_claims, read_body, reader_claims
 from tidings.web.errors import error_response
-from tidings.web.mercure import RequestParts, claims_for, stream_subscription
+from tidings.web.mercure import stream_subscription
 
 __all__ = ["RESUME_HEADER", "CollectionsAPI"]
 
@@ -139,9 +139,7 @@ class CollectionsAPI:
 
     def authorize_read(self, parts: RequestParts, collection: CollectionConfig,
                        doc_id: str | None = None) -> Claims | None:
-        claims = claims_for(parts, self.subscriber_key)
-        if claims is None and not self.anonymous:
-            raise TokenMissing("this hub requires a subscriber token")
+        claims = reader_claims(parts, self.subscriber_key, anonymous=self.anonymous)
         if collection.private:
             if claims is None:
                 raise TokenMissing(f"{collection.name} is private: reading it needs a "
@@ -161,23 +159,14 @@ class CollectionsAPI:
                     if collection.kind == "table" else ""))
         if collection.write == "anyone":
             return
-        if self.publisher_key is None:
-            raise Unauthorized("writing is disabled: no publisher key is configured")
-        claims = claims_for(RequestParts(request.scope), self.publisher_key)
-        if claims is None:
-            raise TokenMissing(f"writing to {collection.name} needs a publisher token")
+        claims = publisher_claims(RequestParts(request.scope), self.publisher_key,
+                                  doing=f"writing to {collection.name}")
         if not claims.may_publish([collection.topic]):
             raise Forbidden(f"the token's publish claim does not cover {collection.topic}")
 
     async def _body(self, request: Request) -> JSONObject:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            raise PayloadTooLarge(f"the document is larger than {self.max_body} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body:
-                raise PayloadTooLarge(f"the document is larger than {self.max_body} bytes")
+        body = await read_body(request.receive, request.headers.get("content-length"),
+                               self.max_body)
         try:
             value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as exc:

@@ -10,28 +10,25 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Coroutine
-from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from tidings.errors import (
     BadRequest,
     Forbidden,
-    PayloadTooLarge,
     TidingsError,
-    TokenMissing,
-    Unauthorized,
 )
-from tidings.hub.auth import Claims, KeyConfig, decode_token, token_from_request
+from tidings.hub.auth import Claims, KeyConfig
 from tidings.hub.hub import Hub, Subscription
 from tidings.hub.subscriber import CloseReason, Subscriber
 from tidings.hub.topics import Selector, SelectorKind, compile_selector
 from tidings.hub.update import Update
+from tidings.web.access import RequestParts, publisher_claims, read_body, reader_claims
 from tidings.web.errors import error_response
 
-__all__ = ["MercureEndpoint", "RequestParts", "claims_for", "stream_subscription"]
+__all__ = ["MercureEndpoint", "stream_subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -46,35 +43,6 @@ _SELECTOR_PARAMS: dict[str, SelectorKind] = {
     "matchURITemplate": "topic",
 }
 _MAX_SELECTOR_LENGTH = 2048
-
-
-class RequestParts:
-    """Headers, cookies and query of an ASGI scope, decoded once."""
-
-    def __init__(self, scope: Scope) -> None:
-        self.headers: dict[str, str] = {
-            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
-        }
-        self.query_list = parse_qsl(
-            scope.get("query_string", b"").decode("utf-8", "replace"), keep_blank_values=True
-        )
-        self.query: dict[str, str] = dict(self.query_list)
-        self.cookies: dict[str, str] = {}
-        raw_cookie = self.headers.get("cookie")
-        if raw_cookie:
-            parsed: SimpleCookie = SimpleCookie()
-            with contextlib.suppress(Exception):
-                parsed.load(raw_cookie)
-            self.cookies = {k: m.value for k, m in parsed.items()}
-
-
-def claims_for(parts: RequestParts, key: KeyConfig | None) -> Claims | None:
-    token = token_from_request(parts.headers, parts.cookies, parts.query)
-    if token is None:
-        return None
-    if key is None:
-        raise Unauthorized("this hub has no key configured for tokens")
-    return decode_token(token, key)
 
 
 class MercureEndpoint:
@@ -129,9 +97,7 @@ class MercureEndpoint:
     ) -> tuple[list[Selector], Claims | None, str | None]:
         parts = RequestParts(scope)
         selectors = self._selectors(parts)
-        claims = claims_for(parts, self.subscriber_key)
-        if claims is None and not self.anonymous:
-            raise TokenMissing("this hub requires a subscriber token")
+        claims = reader_claims(parts, self.subscriber_key, anonymous=self.anonymous)
         last_event_id = (
             parts.headers.get("last-event-id")
             or parts.query.get("lastEventID")
@@ -167,23 +133,6 @@ class MercureEndpoint:
 
     # -- publish -------------------------------------------------------------------
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            raise PayloadTooLarge(f"the request body is larger than {self.max_body} bytes")
-        body = bytearray()
-        more = True
-        while more:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                raise BadRequest("the client went away during the request")
-            body += message.get("body", b"")
-            if len(body) > self.max_body:
-                raise PayloadTooLarge(f"the request body is larger than {self.max_body} bytes")
-            more = message.get("more_body", False)
-        return bytes(body)
-
     async def publish(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self._publish(scope, receive, send)
@@ -192,15 +141,11 @@ class MercureEndpoint:
 
     async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
         parts = RequestParts(scope)
-        if self.publisher_key is None:
-            raise Unauthorized("publishing is disabled: no publisher key is configured")
-        claims = claims_for(parts, self.publisher_key)
-        if claims is None:
-            raise TokenMissing("publishing needs a publisher token")
+        claims = publisher_claims(parts, self.publisher_key, doing="publishing")
         content_type = parts.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != "application/x-www-form-urlencoded":
             raise BadRequest("the body must be application/x-www-form-urlencoded")
-        body = await self._read_body(scope, receive)
+        body = await read_body(receive, parts.headers.get("content-length"), self.max_body)
         try:
             form = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError as exc:

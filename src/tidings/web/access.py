@@ -1,0 +1,83 @@
+"""What every route asks of a request: who is calling (JWT claims) and a bounded body.
+
+Shared by the Mercure endpoint, the collections API and the chat, so that a token is read,
+verified and checked the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qsl
+
+from starlette.types import Message, Receive, Scope
+
+from tidings.errors import BadRequest, PayloadTooLarge, TokenMissing, Unauthorized
+from tidings.hub.auth import Claims, KeyConfig, decode_token, token_from_request
+
+__all__ = ["RequestParts", "claims_for", "publisher_claims", "read_body", "reader_claims"]
+
+
+class RequestParts:
+    """Headers, cookies and query of an ASGI scope, decoded once."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.headers: dict[str, str] = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+        }
+        self.query_list = parse_qsl(
+            scope.get("query_string", b"").decode("utf-8", "replace"), keep_blank_values=True
+        )
+        self.query: dict[str, str] = dict(self.query_list)
+        self.cookies: dict[str, str] = {}
+        raw_cookie = self.headers.get("cookie")
+        if raw_cookie:
+            parsed: SimpleCookie = SimpleCookie()
+            with contextlib.suppress(Exception):
+                parsed.load(raw_cookie)
+            self.cookies = {k: m.value for k, m in parsed.items()}
+
+
+def claims_for(parts: RequestParts, key: KeyConfig | None) -> Claims | None:
+    token = token_from_request(parts.headers, parts.cookies, parts.query)
+    if token is None:
+        return None
+    if key is None:
+        raise Unauthorized("this hub has no key configured for tokens")
+    return decode_token(token, key)
+
+
+def reader_claims(parts: RequestParts, key: KeyConfig | None, *, anonymous: bool) -> Claims | None:
+    """The subscriber's claims; None for an anonymous reader where the hub allows them."""
+    claims = claims_for(parts, key)
+    if claims is None and not anonymous:
+        raise TokenMissing("this hub requires a subscriber token")
+    return claims
+
+
+def publisher_claims(parts: RequestParts, key: KeyConfig | None, *, doing: str) -> Claims:
+    """The publisher's claims; `doing` names the action in errors ("publishing", ...)."""
+    if key is None:
+        raise Unauthorized(f"{doing} is disabled: no publisher key is configured")
+    claims = claims_for(parts, key)
+    if claims is None:
+        raise TokenMissing(f"{doing} needs a publisher token")
+    return claims
+
+
+async def read_body(receive: Receive, content_length: str | None, limit: int) -> bytes:
+    """The whole request body, refused with 413 as soon as it passes `limit` bytes."""
+    too_large = f"the request body is larger than {limit} bytes"
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise PayloadTooLarge(too_large)
+    body = bytearray()
+    more = True
+    while more:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("the client went away during the request")
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise PayloadTooLarge(too_large)
+        more = message.get("more_body", False)
+    return bytes(body)
