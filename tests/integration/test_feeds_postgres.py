@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,7 +32,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import KEY, PUBLISHER, HubProcess, SSEStream, open_stream
+from tests.conftest import KEY, PUBLISHER, HubProcess, open_stream
+from tests.integration.test_feeds_sqlite import insert, payload, seq_of, watch
 from tests.services import POSTGRES_URL, require
 from tidings.sse import Event
 
@@ -145,36 +146,6 @@ def servers(pg: Database, hub_factory: type[HubProcess], tmp_path: Path) -> Star
         return hub_factory(*extra, *args, db=pg.url).start()
 
     return start
-
-
-@contextlib.asynccontextmanager
-async def watch(client: httpx.AsyncClient, url: str, name: str,
-                params: Iterable[tuple[str, str]] = (),
-                headers: dict[str, str] | None = None) -> AsyncIterator[SSEStream]:
-    request = client.build_request("GET", f"{url}/api/collections/{name}/changes",
-                                   params=list(params), headers=headers or {})
-    response = await client.send(request, stream=True)
-    try:
-        yield SSEStream(response)
-    finally:
-        await response.aclose()
-
-
-def payload(event: Event) -> dict[str, object]:
-    data = json.loads(event.data)
-    assert isinstance(data, dict)
-    return data
-
-
-def seq_of(tok: str) -> int:
-    return int(tok.rsplit(".", 1)[1])
-
-
-async def insert(client: httpx.AsyncClient, url: str, doc: dict[str, object],
-                 name: str = "messages") -> httpx.Response:
-    response = await client.post(f"{url}/api/collections/{name}", json=doc, headers=AUTH)
-    assert response.status_code == 201, response.text
-    return response
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0) -> None:
