@@ -149,13 +149,14 @@ class Subscriber:
         self.closed = new is State.CLOSED
 
     def offer(self, seq: int, frame: bytes) -> bool:
-        """Queue a frame for the writer; False (and closed) when the buffer overflows."""
+        """Queue a frame for the writer. False when nothing was queued: the subscriber is
+        (now) closed because its buffer overflowed, or replay already sent this frame."""
         if self.closed:
             return False
         size = self.buffered_bytes + len(frame)
         if self.live:
             if seq and seq <= self._floor:
-                return True  # replay sent it already
+                return False  # replay sent it already
             frames = self._frames
             if len(frames) >= self._max_frames or size > self._max_bytes:
                 self.close(CloseReason.SLOW)
