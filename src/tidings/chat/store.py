@@ -16,14 +16,13 @@ memory with `--db memory://`).
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,6 +38,8 @@ from tidings.chat.errors import (
 from tidings.chat.events import Outgoing
 from tidings.chat.model import ASSISTANT, Conversation, Message, Reply, now_iso
 from tidings.errors import ServiceUnavailable
+from tidings.sqlitedb import connect, run_on
+from tidings.sqlitedb import transaction as _transaction
 
 __all__ = ["DEFAULT_ROOM", "ChatStore", "OutboxRow", "TaskRow", "UserRow", "path_of"]
 
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_ROOM = "general"
-_BUSY_TIMEOUT_S = 5.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chat_users (
@@ -173,17 +173,6 @@ class TaskRow:
         return out
 
 
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[None]:
-    db.execute(f"BEGIN {kind}")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
 def _emit(db: sqlite3.Connection, out: Outgoing) -> None:
     db.execute("INSERT INTO chat_outbox (topic, data) VALUES (?, ?)", (out.topic, out.data))
 
@@ -210,11 +199,7 @@ class ChatStore:
         self.epoch = await self._call(self._open)
 
     def _open(self) -> str:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=_BUSY_TIMEOUT_S)
-        if self.path != ":memory:":
-            db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        db = connect(self.path)
         self._db = db
         with _transaction(db):
             for statement in _SCHEMA.split(";"):
@@ -249,13 +234,7 @@ class ChatStore:
         return self._db
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        if self._executor is None:
-            raise ServiceUnavailable("the chat is not running")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.OperationalError as exc:
-            raise ServiceUnavailable(f"the database is busy: {exc}") from exc
+        return await run_on(self._executor, "the chat", fn, *args)
 
     async def _write(self, fn: Callable[..., T], *args: object) -> T:
         """Run a write; the relay is woken after it, whether it emitted updates or not."""

@@ -41,7 +41,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -75,6 +75,9 @@ from tidings.feeds.events import (
 from tidings.feeds.query import FieldFilter, ListQuery
 from tidings.hub.hub import EARLIEST, Hub
 from tidings.hub.update import Update
+from tidings.sqlitedb import connect as _connect
+from tidings.sqlitedb import run_on
+from tidings.sqlitedb import transaction as _transaction
 
 __all__ = ["SQLiteFeed", "unwatch_table", "watch_table", "watched_tables"]
 
@@ -108,7 +111,6 @@ _BATCH = 500
 _POLL_S = 0.05  # PRAGMA data_version interval: the latency bound for external writers
 _PRUNE_EVERY_S = 1.0
 _RESOLVE_WAIT_S = 10.0
-_BUSY_TIMEOUT_S = 5.0
 # SQLite functions take at most 127 arguments (SQLITE_MAX_FUNCTION_ARG): a row's JSON is
 # built 60 columns at a time.
 _PAIRS_PER_CALL = 60
@@ -230,28 +232,6 @@ class _Shape:
 
 
 # -- the schema, shared with `tidings watch` ----------------------------------------------
-
-
-def _connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                         timeout=_BUSY_TIMEOUT_S)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    return db
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[None]:
-    try:
-        db.execute(f"BEGIN {kind}")
-    except sqlite3.OperationalError as exc:
-        raise ServiceUnavailable(f"the database is busy: {exc}") from exc
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def _ensure_schema(db: sqlite3.Connection) -> str:
@@ -521,13 +501,8 @@ class SQLiteFeed:
 
     async def _write(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn` on the writer thread; the tailer wakes at once afterwards."""
-        if self._executor is None:
-            raise ServiceUnavailable("the change feed is not running")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.OperationalError as exc:
-            raise ServiceUnavailable(f"the database is busy: {exc}") from exc
+            return await run_on(self._executor, "the change feed", fn, *args)
         finally:
             self._wake.set()
 
