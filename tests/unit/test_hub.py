@@ -174,8 +174,8 @@ async def test_shutdown_closes_streams() -> None:
 
 
 async def test_writes_coalesce_under_load() -> None:
-    """Updates published faster than the flush gap go out in fewer writes."""
-    hub = await make_hub(flush_gap_s=0.05)
+    """Updates published right after a flush, back to back, go out in few writes."""
+    hub = await make_hub(flush_linger_s=0.05)
     async with hub.connect(sel("/c"), None) as sub:
         sink = await live(sub)
         await hub.publish(Update.create(["/c"], "first"))
@@ -184,6 +184,28 @@ async def test_writes_coalesce_under_load() -> None:
             await hub.publish(Update.create(["/c"], str(i)))
         assert await collect(sink, 21) == ["first", *[str(i) for i in range(20)]]
         assert sink.writes < 10
+    await hub.stop()
+
+
+async def test_a_steady_rate_is_not_held_back_by_batching() -> None:
+    """An update that finds the hub idle goes out at once; one that arrives just after a
+    flush (the start of a batch) waits no longer than the linger when no more follow."""
+    linger = 0.3
+    hub = await make_hub(flush_linger_s=linger)
+    loop = asyncio.get_running_loop()
+    async with hub.connect(sel("/s"), None) as sub:
+        sink = await live(sub)
+        await hub.publish(Update.create(["/s"], "first"))
+        await collect(sink, 1)
+        await asyncio.sleep(linger * 1.2)
+        started = loop.time()
+        await hub.publish(Update.create(["/s"], "idle"))
+        await collect(sink, 2)
+        assert loop.time() - started < linger / 2
+        started = loop.time()
+        await hub.publish(Update.create(["/s"], "busy"))  # within the linger: a batch
+        await collect(sink, 3)
+        assert linger / 2 < loop.time() - started < linger * 2.5
     await hub.stop()
 
 

@@ -47,12 +47,15 @@ class HubConfig:
     max_selectors: int = 100
     subscriptions: bool = False
     limits: SubscriberLimits = field(default_factory=SubscriberLimits)
-    # Under sustained load, wait after a flush before the next one, so that each write
-    # carries several updates (one write costs far more than one more frame in it): at
-    # least `flush_gap_s`, and as long as the last flush took, up to `max_flush_gap_s`.
-    # When the hub is idle a flush happens at once.
-    flush_gap_s: float = 0.002
-    max_flush_gap_s: float = 0.05
+    # Batching of fan-out writes (one write costs far more than one more frame in it).
+    # An update that finds the hub idle is flushed at once. One that arrives within
+    # `flush_linger_s` of the previous flush's end (a publisher that keeps the hub busy)
+    # starts a batch: its flush waits `flush_linger_s`, and longer while updates keep
+    # coming closer together than that, until the batch is as old as the previous flush
+    # took (at most `max_flush_wait_s`). Updates at a steady rate below saturation thus
+    # wait at most `flush_linger_s`, and a busy publisher's updates share writes.
+    flush_linger_s: float = 0.001
+    max_flush_wait_s: float = 0.05
 
 
 @dataclass(slots=True)
@@ -149,8 +152,11 @@ class Hub:
         self._ready: list[Subscriber] = []
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush_end = 0.0
-        self._next_flush_gap_s = self.config.flush_gap_s
-        self._flush_delayed = False
+        self._last_flush_took = 0.0
+        self._batch_started = 0.0
+        self._last_update_at = 0.0
+        # Set while `_deliver` writes through (see there): when that pass started.
+        self._write_through_at: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -218,6 +224,22 @@ class Hub:
                 backoff_s = min(backoff_s * 2, 5.0)
 
     def _deliver(self, update: Update) -> None:
+        # An update that finds the hub idle is written to each subscriber as it is offered:
+        # one pass, and the first subscribers have it before the last are even looked at.
+        start = time.monotonic()
+        idle = self._flush_handle is None and (
+            start - self._last_flush_end >= self.config.flush_linger_s)
+        self._write_through_at = start if idle else None
+        try:
+            self._offer_to_all(update)
+        finally:
+            self._write_through_at = None
+        end = self._last_update_at = time.monotonic()
+        if idle:
+            self._last_flush_end = end
+            self._last_flush_took = end - start
+
+    def _offer_to_all(self, update: Update) -> None:
         seq, frame, topics = update.seq, update.frame, update.topics
         delivered = 0
         if len(topics) == 1:
@@ -358,16 +380,29 @@ class Hub:
     # -- flushing ------------------------------------------------------------------
 
     def _on_ready(self, sub: Subscriber) -> None:
+        if self._write_through_at is not None:
+            sub.flush(self._write_through_at)
+            return
         self._ready.append(sub)
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
-            delay = self._last_flush_end + self._next_flush_gap_s - time.monotonic()
-            # New work within the gap: updates are coming faster than flushes end.
-            self._flush_delayed = delay > 0
-            if delay > 0:
-                self._flush_handle = loop.call_later(delay, self._flush)
+            now = time.monotonic()
+            if now - self._last_flush_end < self.config.flush_linger_s:
+                self._batch_started = now
+                self._flush_handle = loop.call_later(self.config.flush_linger_s, self._linger)
             else:
                 self._flush_handle = loop.call_soon(self._flush)
+
+    def _linger(self) -> None:
+        """A batch's timer: flush, or wait on while updates keep coming."""
+        now = time.monotonic()
+        linger = self.config.flush_linger_s
+        max_wait = min(max(self._last_flush_took, linger), self.config.max_flush_wait_s)
+        until = min(self._last_update_at + linger, self._batch_started + max_wait)
+        if until - now > 0.0001:
+            self._flush_handle = asyncio.get_running_loop().call_later(until - now, self._linger)
+        else:
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -376,13 +411,7 @@ class Hub:
         for sub in ready:
             sub.flush(start)
         end = time.monotonic()
-        # Saturated (work kept arriving within the gap) and flushes take long: gather more
-        # per write, which now costs less latency than the syscalls it saves. Otherwise
-        # keep the short gap, so an idle or lightly loaded hub answers at once.
-        gap = self.config.flush_gap_s
-        if self._flush_delayed:
-            gap = min(max(gap, end - start), self.config.max_flush_gap_s)
-        self._next_flush_gap_s = gap
+        self._last_flush_took = end - start
         self._last_flush_end = end
 
     # -- presence (active subscriptions) ---------------------------------------------
