@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -206,6 +207,23 @@ async def test_a_steady_rate_is_not_held_back_by_batching() -> None:
         await hub.publish(Update.create(["/s"], "busy"))  # within the linger: a batch
         await collect(sink, 3)
         assert linger / 2 < loop.time() - started < linger * 2.5
+    await hub.stop()
+
+
+async def test_a_large_write_pass_yields_and_later_updates_join_its_writes() -> None:
+    """A write pass over many subscribers is cut into slices; an update published while
+    it is under way goes out in the same write as the earlier one to those not yet
+    written, in order, to everyone exactly once."""
+    hub = await make_hub(flush_slice_s=0.0)
+    async with contextlib.AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(hub.connect(sel("/p"), None))
+                for _ in range(100)]
+        sinks = [await live(sub) for sub in subs]
+        await hub.publish(Update.create(["/p"], "one"))
+        await hub.publish(Update.create(["/p"], "two"))
+        for sink in sinks:
+            assert await collect(sink, 2) == ["one", "two"]
+        assert sum(sink.writes for sink in sinks) < 200
     await hub.stop()
 
 

@@ -47,15 +47,20 @@ class HubConfig:
     max_selectors: int = 100
     subscriptions: bool = False
     limits: SubscriberLimits = field(default_factory=SubscriberLimits)
-    # Batching of fan-out writes (one write costs far more than one more frame in it).
-    # An update that finds the hub idle is flushed at once. One that arrives within
-    # `flush_linger_s` of the previous flush's end (a publisher that keeps the hub busy)
-    # starts a batch: its flush waits `flush_linger_s`, and longer while updates keep
-    # coming closer together than that, until the batch is as old as the previous flush
-    # took (at most `max_flush_wait_s`). Updates at a steady rate below saturation thus
-    # wait at most `flush_linger_s`, and a busy publisher's updates share writes.
+    # Fan-out writes (one write costs far more than one more frame in it, so batching
+    # pays, but only when updates come faster than write passes end):
+    # - An update that finds the hub idle is written to each subscriber as it is offered.
+    # - One that arrives within `flush_linger_s` of the end of the previous write pass (a
+    #   publisher keeping the hub busy) starts a batch: its pass waits `flush_linger_s`, and
+    #   longer while updates keep coming closer together than that, until the batch is as
+    #   old as the previous pass took (at most `max_flush_wait_s`).
+    # - A write pass yields to the event loop every `flush_slice_s`, so that a large
+    #   fan-out does not stall publishes and connections, and updates published meanwhile
+    #   share the writes still to come.
+    # Updates at a steady rate below saturation thus wait at most `flush_linger_s`.
     flush_linger_s: float = 0.001
     max_flush_wait_s: float = 0.05
+    flush_slice_s: float = 0.010
 
 
 @dataclass(slots=True)
@@ -155,8 +160,13 @@ class Hub:
         self._last_flush_took = 0.0
         self._batch_started = 0.0
         self._last_update_at = 0.0
-        # Set while `_deliver` writes through (see there): when that pass started.
+        # Set while `_deliver` writes through (see there): when that pass started, and
+        # when it must hand the rest to `_flush`.
         self._write_through_at: float | None = None
+        self._write_through_until = 0.0
+        self._written = 0
+        # When the write pass under way (over several slices) started.
+        self._pass_started: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -229,15 +239,21 @@ class Hub:
         start = time.monotonic()
         idle = self._flush_handle is None and (
             start - self._last_flush_end >= self.config.flush_linger_s)
-        self._write_through_at = start if idle else None
+        if idle:
+            self._write_through_at = start
+            self._write_through_until = start + self.config.flush_slice_s
+            self._written = 0
         try:
             self._offer_to_all(update)
         finally:
+            # None already when the slice ran out: the rest wait in `_ready` for `_flush`.
+            sliced = idle and self._write_through_at is None
             self._write_through_at = None
         end = self._last_update_at = time.monotonic()
-        if idle:
-            self._last_flush_end = end
-            self._last_flush_took = end - start
+        if sliced:
+            self._pass_started = start
+        elif idle:
+            self._end_pass(start, end)
 
     def _offer_to_all(self, update: Update) -> None:
         seq, frame, topics = update.seq, update.frame, update.topics
@@ -382,6 +398,9 @@ class Hub:
     def _on_ready(self, sub: Subscriber) -> None:
         if self._write_through_at is not None:
             sub.flush(self._write_through_at)
+            self._written += 1
+            if not self._written & 31 and time.monotonic() > self._write_through_until:
+                self._write_through_at = None
             return
         self._ready.append(sub)
         if self._flush_handle is None:
@@ -405,13 +424,29 @@ class Hub:
             self._flush()
 
     def _flush(self) -> None:
+        """One slice of a write pass over the ready subscribers; the next slice is
+        scheduled behind whatever else the event loop has to do."""
         self._flush_handle = None
-        ready, self._ready = self._ready, []
+        ready = self._ready
         start = time.monotonic()
+        if self._pass_started is None:
+            self._pass_started = start
+        until = start + self.config.flush_slice_s
+        done = 0
         for sub in ready:
             sub.flush(start)
-        end = time.monotonic()
-        self._last_flush_took = end - start
+            done += 1
+            if not done & 31 and time.monotonic() > until:
+                break
+        del ready[:done]
+        if ready:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._end_pass(self._pass_started, time.monotonic())
+
+    def _end_pass(self, started: float, end: float) -> None:
+        self._pass_started = None
+        self._last_flush_took = end - started
         self._last_flush_end = end
 
     # -- presence (active subscriptions) ---------------------------------------------
