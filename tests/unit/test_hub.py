@@ -227,6 +227,32 @@ async def test_a_large_write_pass_yields_and_later_updates_join_its_writes() -> 
     await hub.stop()
 
 
+async def test_fan_out_writes_subscribers_in_the_order_they_connected() -> None:
+    """Connection order is roughly memory order; walking it is faster than hash order."""
+    hub = await make_hub()
+    written: list[int] = []
+
+    class OrderSink(ListSink):
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+
+        def write(self, chunk: bytes) -> bool:
+            written.append(self.index)
+            return super().write(chunk)
+
+    async with contextlib.AsyncExitStack() as stack:
+        for index in range(50):
+            sub = await stack.enter_async_context(hub.connect(sel("/o"), None))
+            async for _ in sub.replay():
+                pass
+            sub.go_live(OrderSink(index))
+        await hub.publish(Update.create(["/o"], "x"))
+        await settle()
+        assert written == list(range(50))
+    await hub.stop()
+
+
 async def test_retried_publish_is_stored_once_but_reused_ids_are_new_updates() -> None:
     hub = await make_hub()
     one = await hub.publish(Update.create(["/i"], "x", id="same"))

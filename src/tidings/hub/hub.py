@@ -147,9 +147,11 @@ class Hub:
         self.metrics = Metrics()
         self._subscribers: set[Subscriber] = set()
         # Fan-out finds candidates through an exact-topic index; subscribers with any
-        # pattern selector ("*", templates, URL patterns) are checked one by one.
-        self._by_topic: dict[str, set[Subscriber]] = {}
-        self._wide: set[Subscriber] = set()
+        # pattern selector ("*", templates, URL patterns) are checked one by one. Dicts
+        # used as ordered sets: fan-out walks subscribers in the order they connected,
+        # roughly their order in memory, measurably faster than a set's hash order.
+        self._by_topic: dict[str, dict[Subscriber, None]] = {}
+        self._wide: dict[Subscriber, None] = {}
         self._last_seq = 0
         self._last_id: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -259,11 +261,11 @@ class Hub:
         seq, frame, topics = update.seq, update.frame, update.topics
         delivered = 0
         if len(topics) == 1:
-            candidates: set[Subscriber] | tuple[()] = self._by_topic.get(topics[0], ())
+            candidates: dict[Subscriber, None] | tuple[()] = self._by_topic.get(topics[0], ())
         else:
-            candidates = set()
+            candidates = {}
             for topic in topics:
-                candidates |= self._by_topic.get(topic, set())
+                candidates |= self._by_topic.get(topic, {})
         if update.private:
             for sub in candidates:
                 if sub.claims is not None and sub.claims.may_read_private(topics):
@@ -366,18 +368,18 @@ class Hub:
         # Filtered subscribers go through `may_see` (with the wide ones), so the exact-topic
         # fast path of `_deliver` never has to check for a filter.
         if sub.matcher.patterns or sub.matcher.matches_all or sub.accept is not None:
-            self._wide.add(sub)
+            self._wide[sub] = None
         else:
             for topic in sub.matcher.exact_topics:
-                self._by_topic.setdefault(topic, set()).add(sub)
+                self._by_topic.setdefault(topic, {})[sub] = None
 
     def _unregister(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
-        self._wide.discard(sub)
+        self._wide.pop(sub, None)
         for topic in sub.matcher.exact_topics:
             bucket = self._by_topic.get(topic)
             if bucket is not None:
-                bucket.discard(sub)
+                bucket.pop(sub, None)
                 if not bucket:
                     del self._by_topic[topic]
 

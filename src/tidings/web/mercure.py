@@ -280,13 +280,13 @@ class UvicornSink:
     whenever uvicorn would wait (writing paused by flow control) so does this sink.
     """
 
-    __slots__ = ("_cycle", "_fallback", "_subscriber", "_transport")
+    __slots__ = ("_cycle", "_send", "_subscriber", "_transport")
 
     def __init__(self, cycle: Any, send: Send, subscriber: Subscriber) -> None:
         self._cycle = cycle
         self._transport = cycle.transport
+        self._send = send
         self._subscriber = subscriber
-        self._fallback = AsgiSink(send, subscriber)
 
     @staticmethod
     def fits(cycle: object) -> bool:
@@ -303,7 +303,9 @@ class UvicornSink:
     def write(self, chunk: bytes) -> bool:
         cycle = self._cycle
         if cycle.flow.write_paused or cycle.disconnected:
-            return self._fallback.write(chunk)  # waits for the drain, or sees the client gone
+            # uvicorn's send() waits for the drain, or sees the client gone. Made here, not
+            # kept: memory per idle subscriber counts.
+            return AsgiSink(self._send, self._subscriber).write(chunk)
         try:
             self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         except Exception as exc:  # a transport closed under us
