@@ -214,7 +214,7 @@ async def test_a_large_write_pass_yields_and_later_updates_join_its_writes() -> 
     """A write pass over many subscribers is cut into slices; an update published while
     it is under way goes out in the same write as the earlier one to those not yet
     written, in order, to everyone exactly once."""
-    hub = await make_hub(flush_slice_s=0.0)
+    hub = await make_hub(flush_slice_s=0.0, first_slice_s=0.0)
     async with contextlib.AsyncExitStack() as stack:
         subs = [await stack.enter_async_context(hub.connect(sel("/p"), None))
                 for _ in range(100)]

@@ -54,13 +54,16 @@ class HubConfig:
     #   publisher keeping the hub busy) starts a batch: its pass waits `flush_linger_s`, and
     #   longer while updates keep coming closer together than that, until the batch is as
     #   old as the previous pass took (at most `max_flush_wait_s`).
-    # - A write pass yields to the event loop every `flush_slice_s`, so that a large
-    #   fan-out does not stall publishes and connections, and updates published meanwhile
-    #   share the writes still to come.
+    # - A write pass yields to the event loop every `flush_slice_s` (the first time after
+    #   `first_slice_s`: a publisher whose acknowledgement waits on a bus reply that came
+    #   with the update's own fan-out then has it at once), so that a large fan-out does
+    #   not stall publishes and connections, and updates published meanwhile share the
+    #   writes still to come.
     # Updates at a steady rate below saturation thus wait at most `flush_linger_s`.
     flush_linger_s: float = 0.001
     max_flush_wait_s: float = 0.05
     flush_slice_s: float = 0.010
+    first_slice_s: float = 0.002
 
 
 @dataclass(slots=True)
@@ -243,7 +246,7 @@ class Hub:
             start - self._last_flush_end >= self.config.flush_linger_s)
         if idle:
             self._write_through_at = start
-            self._write_through_until = start + self.config.flush_slice_s
+            self._write_through_until = start + self.config.first_slice_s
             self._written = 0
         try:
             self._offer_to_all(update)
