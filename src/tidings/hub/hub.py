@@ -255,7 +255,7 @@ class Hub:
             sliced = idle and self._write_through_at is None
             self._write_through_at = None
         end = self._last_update_at = time.monotonic()
-        if sliced:
+        if sliced and self._flush_handle is not None:  # `_flush` goes on with the pass
             self._pass_started = start
         elif idle:
             self._end_pass(start, end)
