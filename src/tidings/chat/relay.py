@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import random
 
 from tidings.chat.store import ChatStore
 from tidings.hub.hub import Hub
 from tidings.hub.update import Update
+from tidings.retry import run_with_backoff
 
 __all__ = ["Relay"]
 
-log = logging.getLogger(__name__)
 
 _BATCH = 500
 
@@ -53,21 +51,10 @@ class Relay:
         return f"chat-{self._store.epoch}-{seq}"
 
     async def _run(self) -> None:
-        backoff_s = 0.05
-        while True:
-            try:
-                await self._drain_forever()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # The hub refused (shutting down, a bus that went away) or the database
-                # was busy: the rows stay in the outbox; try again with backoff.
-                log.warning("chat relay interrupted (%s); resuming after %s in %.2f s",
-                            exc, self._cursor, backoff_s)
-                await asyncio.sleep(backoff_s * random.uniform(0.5, 1.5))
-                backoff_s = min(backoff_s * 2, 5.0)
-            else:  # pragma: no cover - _drain_forever only ends by raising
-                return
+        # The hub may refuse (shutting down, a bus that went away) or the database be
+        # busy: the rows stay in the outbox and the next attempt starts from the cursor.
+        await run_with_backoff(self._drain_forever, what="chat relay",
+                               position=lambda: f"outbox row {self._cursor}")
 
     async def _drain_forever(self) -> None:
         while True:

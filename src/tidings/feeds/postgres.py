@@ -67,7 +67,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import random
 import secrets
 import time
 import uuid
@@ -107,6 +106,7 @@ from tidings.feeds.events import (
 from tidings.feeds.query import FieldFilter, ListQuery
 from tidings.hub.hub import EARLIEST, Hub
 from tidings.hub.update import Update
+from tidings.retry import run_with_backoff
 
 # The driver edge is shared with the PostgreSQL transport: the same typed subset of
 # asyncpg, the same notion of "PostgreSQL cannot be used" (503), the same timeouts.
@@ -141,7 +141,6 @@ _RESOLVE_WAIT_S = 10.0
 # A process that does not tail reads the tailer's saved cursor this often while a watch
 # waits for its token's change to be published (the tailer's own process is woken).
 _STANDBY_POLL_S = 0.05
-_MAX_BACKOFF_S = 5.0
 _ISO = 'YYYY-MM-DD"T"HH24:MI:SS.{}"Z"'
 
 
@@ -954,20 +953,8 @@ class PostgresFeed:
     # -- the tailer -----------------------------------------------------------------------
 
     async def _run_tailer(self) -> None:
-        backoff_s = 0.05
-        while True:
-            began = time.monotonic()
-            try:
-                await self._lead()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if time.monotonic() - began > 2 * _MAX_BACKOFF_S:
-                    backoff_s = 0.05  # it had worked for a while: a new failure
-                log.warning("change feed interrupted (%s); resuming after change %s in %.2f s",
-                            exc, self._published, backoff_s)
-                await asyncio.sleep(backoff_s * random.uniform(0.5, 1.5))
-                backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+        await run_with_backoff(self._lead, what="change feed",
+                               position=lambda: f"change {self._published}")
 
     async def _lead(self) -> None:
         """Become the schema's tailer (or wait until this process may) and tail. Returns

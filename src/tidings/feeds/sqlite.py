@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import secrets
 import sqlite3
 import threading
@@ -75,6 +74,7 @@ from tidings.feeds.events import (
 from tidings.feeds.query import FieldFilter, ListQuery
 from tidings.hub.hub import EARLIEST, Hub
 from tidings.hub.update import Update
+from tidings.retry import run_with_backoff
 from tidings.sqlitedb import connect as _connect
 from tidings.sqlitedb import run_on
 from tidings.sqlitedb import transaction as _transaction
@@ -710,17 +710,8 @@ class SQLiteFeed:
         self._published = self._state(self._reader, "cursor")
         self._leader = True
         log.info("change feed: tailing %s after change %s", self._path, self._published)
-        backoff_s = 0.05
-        while True:
-            try:
-                await self._tail()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("change feed interrupted (%s); resuming after change %s in %.2f s",
-                            exc, self._published, backoff_s)
-                await asyncio.sleep(backoff_s * random.uniform(0.5, 1.5))
-                backoff_s = min(backoff_s * 2, 5.0)
+        await run_with_backoff(self._tail, what="change feed",
+                               position=lambda: f"change {self._published}")
 
     async def _tail(self) -> None:
         while True:

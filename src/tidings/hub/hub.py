@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from tidings.hub.auth import Claims
 from tidings.hub.subscriber import CloseReason, Sink, State, Subscriber, SubscriberLimits
 from tidings.hub.topics import Selector
 from tidings.hub.update import RESERVED_PREFIX, Update
+from tidings.retry import run_with_backoff
 from tidings.sse import HEARTBEAT
 from tidings.transports.base import Transport
 
@@ -221,22 +221,14 @@ class Hub:
         return stored
 
     async def _fan_out(self) -> None:
-        backoff_s = 0.05
-        while True:
-            try:
-                async for update in self.transport.tail(self._last_seq):
-                    self._deliver(update)
-                    backoff_s = 0.05
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # The bus went away (a restart, a network blip): come back with backoff and
-                # resume from the last seq fanned out, so subscribers lose nothing.
-                log.warning("fan-out interrupted (%s); resuming after seq %s in %.2f s",
-                            exc, self._last_seq, backoff_s)
-                await asyncio.sleep(backoff_s * random.uniform(0.5, 1.5))
-                backoff_s = min(backoff_s * 2, 5.0)
+        # The bus may go away (a restart, a network blip): each attempt resumes from the
+        # last seq fanned out, so subscribers lose nothing.
+        await run_with_backoff(self._fan_out_from_last, what="fan-out",
+                               position=lambda: f"seq {self._last_seq}")
+
+    async def _fan_out_from_last(self) -> None:
+        async for update in self.transport.tail(self._last_seq):
+            self._deliver(update)
 
     def _deliver(self, update: Update) -> None:
         # An update that finds the hub idle is written to each subscriber as it is offered:
