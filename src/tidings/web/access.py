@@ -7,6 +7,7 @@ verified and checked the same way everywhere.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qsl
 
@@ -15,7 +16,30 @@ from starlette.types import Message, Receive, Scope
 from tidings.errors import BadRequest, PayloadTooLarge, TokenMissing, Unauthorized
 from tidings.hub.auth import Claims, KeyConfig, decode_token, token_from_request
 
-__all__ = ["RequestParts", "claims_for", "publisher_claims", "read_body", "reader_claims"]
+__all__ = [
+    "Access", "RequestParts", "claims_for", "publisher_claims", "read_body", "reader_claims",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """The hub's access settings, as the Mercure endpoint and the collections API apply
+    them: which keys verify tokens, whether readers may come without one, and how large
+    a request body may be."""
+
+    publisher_key: KeyConfig | None
+    subscriber_key: KeyConfig | None
+    anonymous: bool
+    max_body: int
+
+    def reader(self, parts: RequestParts) -> Claims | None:
+        return reader_claims(parts, self.subscriber_key, anonymous=self.anonymous)
+
+    def publisher(self, parts: RequestParts, *, doing: str) -> Claims:
+        return publisher_claims(parts, self.publisher_key, doing=doing)
+
+    async def body(self, receive: Receive, parts: RequestParts) -> bytes:
+        return await read_body(receive, parts.headers.get("content-length"), self.max_body)
 
 
 class RequestParts:

@@ -33,7 +33,7 @@ from tidings.hub.hub import Hub, HubConfig
 from tidings.hub.subscriber import SubscriberLimits
 from tidings.settings import Settings
 from tidings.transports import open_transport
-from tidings.web.access import RequestParts, claims_for
+from tidings.web.access import Access, RequestParts, claims_for
 from tidings.web.chat import ChatAPI, ChatStreams
 from tidings.web.collections import RESUME_HEADER, CollectionsAPI
 from tidings.web.mercure import MercureEndpoint
@@ -100,14 +100,13 @@ def create_app(settings: Settings) -> TidingsApp:
             limits=SubscriberLimits(max_frames=settings.subscriber_buffer),
         ),
     )
-    subscriber_key = _key(settings, settings.subscriber_key)
-    mercure = MercureEndpoint(
-        hub,
+    access = Access(
         publisher_key=_key(settings, settings.publisher_key),
-        subscriber_key=subscriber_key,
+        subscriber_key=_key(settings, settings.subscriber_key),
         anonymous=settings.anonymous,
         max_body=settings.max_body,
     )
+    mercure = MercureEndpoint(hub, access)
     # Collections and their change feed (docs/feeds.md): idle unless configured/watched.
     feed = open_feed(
         settings.db,
@@ -115,14 +114,7 @@ def create_app(settings: Settings) -> TidingsApp:
         config=load_config(settings.config) if settings.config else None,
         retention=Retention(settings.changes_size, settings.changes_max_age),
     )
-    collections = CollectionsAPI(
-        feed,
-        hub,
-        publisher_key=_key(settings, settings.publisher_key),
-        subscriber_key=subscriber_key,
-        anonymous=settings.anonymous,
-        max_body=settings.max_body,
-    )
+    collections = CollectionsAPI(feed, hub, access)
     # The chat (docs/chat.md): the page at /, its API, presence from its hub streams. Its
     # presence and rate limits live in one process, so it is off with several workers.
     chat: ChatService | None = None
@@ -138,8 +130,8 @@ def create_app(settings: Settings) -> TidingsApp:
                 url=settings.assistant_url, model=settings.assistant_model,
                 key=settings.assistant_key, timeout_s=settings.assistant_timeout,
                 max_prompt=settings.assistant_max_prompt),
-        ), subscriber_key)
-        chat_api = ChatAPI(chat, publisher_key=_key(settings, settings.publisher_key))
+        ), access.subscriber_key)
+        chat_api = ChatAPI(chat, publisher_key=access.publisher_key)
         chat_streams = ChatStreams(chat)
     started = time.time()
 
@@ -181,7 +173,7 @@ def create_app(settings: Settings) -> TidingsApp:
         raw = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
         path = raw.split("?", 1)[0].removeprefix("/.well-known/mercure/subscriptions")
         try:
-            claims = claims_for(RequestParts(request.scope), subscriber_key)
+            claims = claims_for(RequestParts(request.scope), access.subscriber_key)
             doc = hub.subscriptions(path.strip("/"), claims)
         except TidingsError as exc:
             return JSONResponse({"error": exc.message, "status": exc.status_hint},

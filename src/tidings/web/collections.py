@@ -49,11 +49,11 @@ from tidings.feeds.errors import (
 )
 from tidings.feeds.events import JSONObject, ResumeToken
 from tidings.feeds.query import ChangeFilter, ListQuery
-from tidings.hub.auth import Claims, KeyConfig
+from tidings.hub.auth import Claims
 from tidings.hub.hub import Hub
 from tidings.hub.topics import compile_selector
 from tidings.sse import encode_event
-from tidings.web.access import RequestParts, publisher_claims, read_body, reader_claims
+from tidings.web.access import Access, RequestParts
 from tidings.web.errors import error_response
 from tidings.web.mercure import stream_subscription
 
@@ -108,18 +108,11 @@ class CollectionsAPI:
         self,
         feed: ChangeFeed | None,
         hub: Hub,
-        *,
-        publisher_key: KeyConfig | None,
-        subscriber_key: KeyConfig | None,
-        anonymous: bool,
-        max_body: int,
+        access: Access,
     ) -> None:
         self.feed = feed
         self.hub = hub
-        self.publisher_key = publisher_key
-        self.subscriber_key = subscriber_key
-        self.anonymous = anonymous
-        self.max_body = max_body
+        self.access = access
 
     def routes(self) -> list[Route]:
         return [
@@ -139,7 +132,7 @@ class CollectionsAPI:
 
     def authorize_read(self, parts: RequestParts, collection: CollectionConfig,
                        doc_id: str | None = None) -> Claims | None:
-        claims = reader_claims(parts, self.subscriber_key, anonymous=self.anonymous)
+        claims = self.access.reader(parts)
         if collection.private:
             if claims is None:
                 raise TokenMissing(f"{collection.name} is private: reading it needs a "
@@ -159,14 +152,13 @@ class CollectionsAPI:
                     if collection.kind == "table" else ""))
         if collection.write == "anyone":
             return
-        claims = publisher_claims(RequestParts(request.scope), self.publisher_key,
-                                  doing=f"writing to {collection.name}")
+        claims = self.access.publisher(RequestParts(request.scope),
+                                       doing=f"writing to {collection.name}")
         if not claims.may_publish([collection.topic]):
             raise Forbidden(f"the token's publish claim does not cover {collection.topic}")
 
     async def _body(self, request: Request) -> JSONObject:
-        body = await read_body(request.receive, request.headers.get("content-length"),
-                               self.max_body)
+        body = await self.access.body(request.receive, RequestParts(request.scope))
         try:
             value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as exc:

@@ -20,12 +20,12 @@ from tidings.errors import (
     Forbidden,
     TidingsError,
 )
-from tidings.hub.auth import Claims, KeyConfig
+from tidings.hub.auth import Claims
 from tidings.hub.hub import Hub, Subscription
 from tidings.hub.subscriber import CloseReason, Subscriber
 from tidings.hub.topics import Selector, SelectorKind, compile_selector
 from tidings.hub.update import Update
-from tidings.web.access import RequestParts, publisher_claims, read_body, reader_claims
+from tidings.web.access import Access, RequestParts
 from tidings.web.errors import error_response
 
 __all__ = ["MercureEndpoint", "sink_for", "stream_subscription"]
@@ -46,20 +46,9 @@ _MAX_SELECTOR_LENGTH = 2048
 
 
 class MercureEndpoint:
-    def __init__(
-        self,
-        hub: Hub,
-        *,
-        publisher_key: KeyConfig | None,
-        subscriber_key: KeyConfig | None,
-        anonymous: bool,
-        max_body: int,
-    ) -> None:
+    def __init__(self, hub: Hub, access: Access) -> None:
         self.hub = hub
-        self.publisher_key = publisher_key
-        self.subscriber_key = subscriber_key
-        self.anonymous = anonymous
-        self.max_body = max_body
+        self.access = access
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # A plain function handing back the handler's coroutine: a stream lives for hours,
@@ -97,7 +86,7 @@ class MercureEndpoint:
     ) -> tuple[list[Selector], Claims | None, str | None]:
         parts = RequestParts(scope)
         selectors = self._selectors(parts)
-        claims = reader_claims(parts, self.subscriber_key, anonymous=self.anonymous)
+        claims = self.access.reader(parts)
         last_event_id = (
             parts.headers.get("last-event-id")
             or parts.query.get("lastEventID")
@@ -141,11 +130,11 @@ class MercureEndpoint:
 
     async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
         parts = RequestParts(scope)
-        claims = publisher_claims(parts, self.publisher_key, doing="publishing")
+        claims = self.access.publisher(parts, doing="publishing")
         content_type = parts.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != "application/x-www-form-urlencoded":
             raise BadRequest("the body must be application/x-www-form-urlencoded")
-        body = await read_body(receive, parts.headers.get("content-length"), self.max_body)
+        body = await self.access.body(receive, parts)
         try:
             form = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError as exc:
