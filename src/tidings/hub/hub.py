@@ -49,14 +49,15 @@ class HubConfig:
     limits: SubscriberLimits = field(default_factory=SubscriberLimits)
     # Fan-out writes (one write costs far more than one more frame in it, so batching
     # pays, but only when updates come faster than write passes end):
-    # - An update that finds the hub idle is written to each subscriber as it is offered.
+    # - An update that finds the hub idle is offered to its subscribers and written at once.
     # - One that arrives within `flush_linger_s` of the end of the previous write pass (a
     #   publisher keeping the hub busy) starts a batch: its pass waits `flush_linger_s`, and
     #   longer while updates keep coming closer together than that, until the batch is as
     #   old as the previous pass took (at most `max_flush_wait_s`).
     # - A write pass yields to the event loop every `flush_slice_s` (the first time after
-    #   `first_slice_s`: a publisher whose acknowledgement waits on a bus reply that came
-    #   with the update's own fan-out then has it at once), so that a large fan-out does
+    #   `first_slice_s` for an update that found the hub idle: a publisher whose
+    #   acknowledgement waits on a bus reply that came with the update's own fan-out then
+    #   has it at once), so that a large fan-out does
     #   not stall publishes and connections, and updates published meanwhile share the
     #   writes still to come.
     # Updates at a steady rate below saturation thus wait at most `flush_linger_s`.
@@ -165,11 +166,6 @@ class Hub:
         self._last_flush_took = 0.0
         self._batch_started = 0.0
         self._last_update_at = 0.0
-        # Set while `_deliver` writes through (see there): when that pass started, and
-        # when it must hand the rest to `_flush`.
-        self._write_through_at: float | None = None
-        self._write_through_until = 0.0
-        self._written = 0
         # When the write pass under way (over several slices) started.
         self._pass_started: float | None = None
 
@@ -231,28 +227,17 @@ class Hub:
             self._deliver(update)
 
     def _deliver(self, update: Update) -> None:
-        # An update that finds the hub idle is written to each subscriber as it is offered:
-        # one pass, and the first subscribers have it before the last are even looked at.
-        start = time.monotonic()
         idle = self._flush_handle is None and (
-            start - self._last_flush_end >= self.config.flush_linger_s)
-        if idle:
-            self._write_through_at = start
-            self._write_through_until = start + self.config.first_slice_s
-            self._written = 0
-        try:
-            self._offer_to_all(update)
-        finally:
-            # None already when the slice ran out: the rest wait in `_ready` for `_flush`.
-            sliced = idle and self._write_through_at is None
-            self._write_through_at = None
-        end = self._last_update_at = time.monotonic()
-        if sliced and self._flush_handle is not None:  # `_flush` goes on with the pass
-            self._pass_started = start
-        elif idle:
-            self._end_pass(start, end)
+            time.monotonic() - self._last_flush_end >= self.config.flush_linger_s)
+        self._offer(update)
+        self._last_update_at = time.monotonic()
+        if idle and self._flush_handle is not None:
+            # An update that found the hub idle is written now, not after a turn of the
+            # event loop (the flush `_on_ready` scheduled).
+            self._flush_handle.cancel()
+            self._flush(self.config.first_slice_s)
 
-    def _offer_to_all(self, update: Update) -> None:
+    def _offer(self, update: Update) -> None:
         seq, frame, topics = update.seq, update.frame, update.topics
         delivered = 0
         if len(topics) == 1:
@@ -393,12 +378,6 @@ class Hub:
     # -- flushing ------------------------------------------------------------------
 
     def _on_ready(self, sub: Subscriber) -> None:
-        if self._write_through_at is not None:
-            sub.flush(self._write_through_at)
-            self._written += 1
-            if not self._written & 31 and time.monotonic() > self._write_through_until:
-                self._write_through_at = None
-            return
         self._ready.append(sub)
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
@@ -420,15 +399,16 @@ class Hub:
         else:
             self._flush()
 
-    def _flush(self) -> None:
-        """One slice of a write pass over the ready subscribers; the next slice is
-        scheduled behind whatever else the event loop has to do."""
+    def _flush(self, slice_s: float | None = None) -> None:
+        """One slice of a write pass over the ready subscribers (`flush_slice_s` long unless
+        told otherwise); the next slice is scheduled behind whatever else the event loop
+        has to do."""
         self._flush_handle = None
         ready = self._ready
         start = time.monotonic()
         if self._pass_started is None:
             self._pass_started = start
-        until = start + self.config.flush_slice_s
+        until = start + (self.config.flush_slice_s if slice_s is None else slice_s)
         done = 0
         for sub in ready:
             sub.flush(start)
