@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tidings.hub.auth import encode_token
+from tidings.hub.tokens import encode_token
 from tidings.sse import Event, EventParser
 
 KEY = "test-secret-key-that-is-long-enough-for-hs256"
@@ -109,8 +110,53 @@ def hub_factory(tmp_path: Path) -> Iterator[type[HubProcess]]:
 
 
 @pytest.fixture
+def chat_hubs(chat_db: str, hub_factory: type[HubProcess]) -> type[HubProcess]:
+    """`hub_factory` whose servers keep the chat in `chat_db` (a fixture of the browser and
+    integration tests: SQLite and PostgreSQL in turn). `chat_db` is set up first, so the
+    servers die before its PostgreSQL schema is dropped."""
+
+    def make(*args: str, db: str | None = None) -> HubProcess:
+        return hub_factory(*args, db=db or chat_db)
+
+    return make  # type: ignore[return-value]
+
+
+@pytest.fixture
 def hub(hub_factory: type[HubProcess]) -> HubProcess:
     return hub_factory("--subscriptions").start()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RestartableHub:
+    """`tidings serve` on one port chosen once, so that clients reconnect after a restart
+    to the URL they had, and `side()`: a second hub process on the same database, for
+    publishing while the first is down (what it publishes can reach those clients only by
+    replay from history)."""
+
+    def __init__(self, factory: type[HubProcess]) -> None:
+        self._factory = factory
+        self._port = str(free_port())
+
+    def start(self) -> HubProcess:
+        return self._factory("--port", self._port).start()
+
+    @contextlib.contextmanager
+    def side(self) -> Iterator[HubProcess]:
+        side = self._factory().start()
+        try:
+            yield side
+        finally:
+            side.stop()
+
+
+@pytest.fixture
+def restartable(hub_factory: type[HubProcess]) -> RestartableHub:
+    return RestartableHub(hub_factory)
 
 
 class SSEStream:

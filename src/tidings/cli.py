@@ -1,10 +1,11 @@
-"""`tidings serve | token | publish | subscribe | watch`."""
+"""`tidings serve | token | publish | subscribe | watch | collection`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -46,19 +47,34 @@ def settings_options(func: Any) -> Any:
 
 
 def build_settings(values: dict[str, Any]) -> Settings:
-    cors = values.get("cors_origins") or ""
-    values = {**values, "cors_origins": tuple(o.strip() for o in cors.split(",") if o.strip())}
+    values = dict(values)
+    for setting in SETTINGS:
+        if setting.kind == "list":
+            text = values.get(setting.name) or ""
+            values[setting.name] = tuple(v.strip() for v in text.split(",") if v.strip())
     names = {f.name for f in dataclasses.fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in names})
 
 
-def _dev_key() -> str:
+def _dev_key() -> tuple[str, bool]:
+    """The development key, and whether this run made it (False: an earlier run did)."""
     if DEV_KEY_FILE.exists():
-        return DEV_KEY_FILE.read_text().strip()
+        return DEV_KEY_FILE.read_text().strip(), False
     key = secrets.token_urlsafe(32)
     DEV_KEY_FILE.write_text(key + "\n")
     DEV_KEY_FILE.chmod(0o600)
-    return key
+    return key, True
+
+
+def _where(base: str, settings: Settings) -> str:
+    """What a first run needs to know: where the pages and the hub are."""
+    chat = settings.chat and settings.workers <= 1
+    rows = [
+        ("chat", f"{base}/") if chat else ("status page", f"{base}/"),
+        ("debugger", f"{base}/hub  (status page; subscribe and publish by hand)"),
+        ("hub", f"{base}/.well-known/mercure"),
+    ]
+    return "\n".join(f"  {name:<11} {where}" for name, where in rows)
 
 
 def _configured_key(explicit: str | None) -> str:
@@ -88,8 +104,9 @@ def serve(**values: Any) -> None:
     """Run the hub."""
     import uvicorn
 
-    from tidings.hub.auth import encode_token as mint
+    from tidings.hub.tokens import encode_token as mint
     from tidings.web.app import SETTINGS_ENV, create_app
+    from tidings.web.protocol import GuardedHttpToolsProtocol
 
     settings = build_settings(values)
     logging.basicConfig(
@@ -101,7 +118,8 @@ def serve(**values: Any) -> None:
     if dev:
         if settings.jwt_algorithm != "HS256":
             raise click.ClickException("configure --jwt-key for asymmetric algorithms")
-        settings = dataclasses.replace(settings, jwt_key=_dev_key())
+        dev_key, made = _dev_key()
+        settings = dataclasses.replace(settings, jwt_key=dev_key)
     if settings.workers > 1 and not settings.bus:
         raise click.ClickException(
             "--workers above 1 needs a shared bus (--bus redis://... or --bus postgresql://...):"
@@ -122,18 +140,20 @@ def serve(**values: Any) -> None:
         ) from exc
     port = sock.getsockname()[1]
     options: dict[str, Any] = {
-        "loop": "uvloop", "http": "httptools", "lifespan": "on", "access_log": False,
+        "loop": "uvloop", "lifespan": "on", "access_log": False,
+        "http": functools.partial(GuardedHttpToolsProtocol,
+                                  head_timeout_s=settings.head_timeout),
         "log_level": settings.log_level, "timeout_graceful_shutdown": 5,
         "proxy_headers": False,
     }
     base = f"http://{settings.host}:{port}"
-    workers = f", {settings.workers} workers" if settings.workers > 1 else ""
-    click.echo(f"Tidings listening on {base}  (hub: {base}/.well-known/mercure{workers})",
-               err=True)
+    workers = f"  ({settings.workers} workers)" if settings.workers > 1 else ""
+    click.echo(f"Tidings listening on {base}{workers}\n{_where(base, settings)}", err=True)
     if dev:
         token = mint(settings.publisher_key, publish=["*"], subscribe=["*"])
-        click.echo(f"Development key saved in {DEV_KEY_FILE}. A publisher token:\n{token}",
-                   err=True)
+        key_line = (f"Development key saved in {DEV_KEY_FILE}" if made else
+                    f"Development key reused from {DEV_KEY_FILE} (made by an earlier run)")
+        click.echo(f"{key_line}. A publisher token:\n{token}", err=True)
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown: exit 0 then.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
@@ -167,7 +187,7 @@ def token(publish_: tuple[str, ...], subscribe: tuple[str, ...], jwt_key: str | 
           jwt_algorithm: str, expires_in: float | None, audience: str | None,
           issuer: str | None, style: str) -> None:
     """Mint a JWT for publishers and subscribers."""
-    from tidings.hub.auth import encode_token
+    from tidings.hub.tokens import encode_token
 
     click.echo(encode_token(
         _configured_key(jwt_key), publish=list(publish_) or None,
@@ -180,7 +200,7 @@ def _client_token(token_: str | None) -> str | None:
     if token_:
         return token_
     try:
-        from tidings.hub.auth import encode_token as mint
+        from tidings.hub.tokens import encode_token as mint
 
         return mint(_configured_key(None), publish=["*"], subscribe=["*"])
     except click.ClickException:
@@ -190,15 +210,17 @@ def _client_token(token_: str | None) -> str | None:
 @main.command()
 @click.argument("topic")
 @click.argument("data", default="")
-@click.option("--url", default="http://127.0.0.1:8000", envvar="TIDINGS_URL", show_default=True)
-@click.option("--token", "token_", envvar="TIDINGS_TOKEN", default=None)
+@click.option("--url", default="http://127.0.0.1:8000", envvar="TIDINGS_URL", show_default=True,
+              show_envvar=True, help="The hub (where `tidings serve` listens).")
+@click.option("--token", "token_", envvar="TIDINGS_TOKEN", default=None, show_envvar=True,
+              help="A JWT (default: one minted with the development key, if here).")
 @click.option("--private", is_flag=True)
 @click.option("--id", "id_", default=None)
 @click.option("--type", "type_", default=None)
 def publish(topic: str, data: str, url: str, token_: str | None, private: bool,
             id_: str | None, type_: str | None) -> None:
     """Publish DATA (or standard input with '-') to TOPIC."""
-    from tidings.client import Client, PublishError
+    from tidings.client import Client, HubUnreachable, PublishError
 
     if data == "-":
         data = sys.stdin.read()
@@ -211,20 +233,33 @@ def publish(topic: str, data: str, url: str, token_: str | None, private: bool,
         click.echo(asyncio.run(run()))
     except PublishError as exc:
         raise click.ClickException(str(exc)) from exc
+    except HubUnreachable as exc:  # its message names the URL and the reason already
+        raise click.ClickException(
+            f"{exc}. Is `tidings serve` running there? (--url or TIDINGS_URL)") from exc
     except OSError as exc:
         raise click.ClickException(f"cannot reach {url}: {exc}") from exc
 
 
 @main.command()
 @click.argument("topics", nargs=-1, required=True)
-@click.option("--url", default="http://127.0.0.1:8000", envvar="TIDINGS_URL", show_default=True)
-@click.option("--token", "token_", envvar="TIDINGS_TOKEN", default=None)
+@click.option("--url", default="http://127.0.0.1:8000", envvar="TIDINGS_URL", show_default=True,
+              show_envvar=True, help="The hub (where `tidings serve` listens).")
+@click.option("--token", "token_", envvar="TIDINGS_TOKEN", default=None, show_envvar=True,
+              help="A JWT (default: one minted with the development key, if here).")
 @click.option("--last-event-id", default=None, help="Resume after this id ('earliest': all).")
 @click.option("--count", type=int, default=0, help="Exit after this many events (0: never).")
 def subscribe(topics: tuple[str, ...], url: str, token_: str | None,
               last_event_id: str | None, count: int) -> None:
     """Print the updates of TOPICS as they arrive; resumes after a dropped connection."""
     from tidings.client import Client
+
+    # The client says on stderr when the hub cannot be reached (where, and that it keeps
+    # trying) and when it is back; events go to stdout.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    client_log = logging.getLogger("tidings.client")
+    client_log.addHandler(handler)
+    client_log.setLevel(logging.INFO)
 
     async def run() -> None:
         seen = 0
@@ -259,28 +294,130 @@ def subscribe(topics: tuple[str, ...], url: str, token_: str | None,
 def watch(table: str, db: str, key: str, read: str, stop_: bool) -> None:
     """Watch TABLE of your own schema: every change to it, by any program, is published
     on /collections/TABLE (see docs/feeds.md)."""
+    feeds = _registry(db)
+    if stop_:
+        if not _cli_errors(db, lambda: feeds.unwatch_table(db, table)):
+            raise click.ClickException(f"{table} was not watched")
+        click.echo(f"stopped watching {table}")
+        return
+    key = _cli_errors(db, lambda: feeds.watch_table(db, table, key=key, read=read))
+    click.echo(f"watching {table} (key {key}, {read}): changes appear on /collections/{table}"
+               f" and GET /api/collections/{table}/changes")
+    capture = (_cli_errors(db, lambda: feeds.capture_of(db)) if hasattr(feeds, "capture_of")
+               else feeds.CAPTURE)
+    click.echo(f"capture: {capture} (docs/feeds.md)")
+
+
+_DB_OPTION = click.option(
+    "--db", default="sqlite:///tidings.db", envvar="TIDINGS_DB", show_default=True,
+    help="The database (what `tidings serve --db` uses): sqlite:///FILE or "
+         "postgresql://... (its current schema).")
+
+
+@main.group()
+def collection() -> None:
+    """Managed collections kept in the database, no configuration file needed: every
+    running server picks a change up within a second (see docs/feeds.md)."""
+
+
+def _registry(db: str) -> Any:
+    if db.startswith(("postgresql:", "postgres:")):
+        from tidings.feeds import postgres
+        return postgres
+    from tidings.feeds import sqlite
+    return sqlite
+
+
+@collection.command("create")
+@click.argument("name")
+@_DB_OPTION
+@click.option("--read", type=click.Choice(["private", "public"]), default="private",
+              show_default=True,
+              help="Who reads it: a token with a subscribe claim, or anyone.")
+@click.option("--write", type=click.Choice(["publisher", "anyone", "none"]),
+              default="publisher", show_default=True,
+              help="Who writes through the API: a publisher token, anyone, or nobody.")
+@click.option("--schema", "schema_file", type=click.Path(dir_okay=False), default=None,
+              help="A JSON Schema (a .json file) every document must satisfy.")
+@click.option("--config", default="", envvar="TIDINGS_CONFIG",
+              help="The server's configuration file: its collections cannot be defined "
+                   "here (the file wins).")
+def collection_create(name: str, db: str, read: str, write: str, schema_file: str | None,
+                      config: str) -> None:
+    """Create the managed collection NAME (or change its settings): its documents are
+    served at /api/collections/NAME and its changes published on /collections/NAME."""
+    import json
+
+    from tidings.feeds import load_config
+    from tidings.feeds.config import parse_definition
+    from tidings.feeds.definitions import check_definable
+
+    def run() -> bool:
+        schema = None
+        if schema_file is not None:
+            try:
+                schema = json.loads(Path(schema_file).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise click.ClickException(f"cannot read the schema {schema_file}: {exc}") \
+                    from None
+        definition = parse_definition(name, {"read": read, "write": write, "schema": schema})
+        if config:
+            check_definable(load_config(config), name)
+        return bool(_registry(db).create_collection(db, definition))
+
+    created = _cli_errors(db, run)
+    click.echo(f"{'created' if created else 'updated'} {name} ({read}, write: {write}"
+               f"{', schema' if schema_file else ''}): documents at /api/collections/{name},"
+               f" changes on /collections/{name}")
+
+
+@collection.command("drop")
+@click.argument("name")
+@_DB_OPTION
+@click.option("--config", default="", envvar="TIDINGS_CONFIG",
+              help="The server's configuration file: its collections cannot be dropped "
+                   "here.")
+def collection_drop(name: str, db: str, config: str) -> None:
+    """Drop the collection NAME: its table and every document in it. Its watchers get a
+    `drop` event."""
+    from tidings.feeds import load_config
+    from tidings.feeds.definitions import check_definable
+
+    def run() -> None:
+        if config:
+            check_definable(load_config(config), name)
+        _registry(db).drop_collection(db, name)
+
+    _cli_errors(db, run)
+    click.echo(f"dropped {name}")
+
+
+@collection.command("list")
+@_DB_OPTION
+def collection_list(db: str) -> None:
+    """The collections defined in the database (not those of a configuration file)."""
+    configs = _cli_errors(db, lambda: _registry(db).defined_collections(db))
+    for config in configs:
+        schema = ", schema" if config.schema is not None else ""
+        click.echo(f"{config.name}\tread: {config.read}\twrite: {config.write}{schema}")
+
+
+def _cli_errors(db: str, run: Any) -> Any:
+    """`run()`, its failures as one-line errors."""
     import sqlite3
 
     from tidings.errors import TidingsError
-
-    if db.startswith(("postgresql:", "postgres:")):
-        from tidings.feeds.postgres import unwatch_table, watch_table
-    else:
-        from tidings.feeds.sqlite import unwatch_table, watch_table
+    from tidings.feeds.errors import SchemaViolation
 
     try:
-        if stop_:
-            if not unwatch_table(db, table):
-                raise click.ClickException(f"{table} was not watched")
-            click.echo(f"stopped watching {table}")
-            return
-        key = watch_table(db, table, key=key, read=read)
+        return run()
+    except SchemaViolation as exc:
+        reasons = "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
+        raise click.ClickException(f"{exc.message} ({reasons})") from exc
     except TidingsError as exc:
         raise click.ClickException(exc.message) from exc
     except sqlite3.Error as exc:
         raise click.ClickException(f"{db}: {exc}") from exc
-    click.echo(f"watching {table} (key {key}, {read}): changes appear on /collections/{table}"
-               f" and GET /api/collections/{table}/changes")
 
 
 @main.command(add_help_option=False, context_settings={"ignore_unknown_options": True,

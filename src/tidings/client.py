@@ -15,15 +15,21 @@ that a retry cannot fix are raised instead. Scripts without asyncio use `SyncCli
     TidingsError
     ├── HubError          the hub answered an error status (`.status`); PublishError is
     │   │                 its older name
-    │   └── AuthError     401 or 403: a token missing, invalid, expired or too narrow
+    │   ├── AuthError     401 or 403: a token missing, invalid, expired or too narrow
+    │   └── TokenTooOld   410 on a watch: the hub no longer holds the changes after the
+    │                     last one seen (load a new snapshot)
     ├── HubUnreachable    no answer at all after the retries (also a ConnectionError)
     └── BadRequest        a call the client refuses before sending anything (no topics)
+
+The client speaks HTTP only: it imports no server module (its errors are its own, and the
+hub filters a watch's changes), so it runs where only httpx is installed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import inspect
 import json
 import logging
@@ -31,10 +37,10 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, Self, TypedDict, TypeVar, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -54,6 +60,7 @@ __all__ = [
     "SyncClient",
     "SyncSubscription",
     "TokenSource",
+    "TokenTooOld",
     "publish_sync",
 ]
 
@@ -63,7 +70,11 @@ MERCURE_PATH = "/.well-known/mercure"
 DEDUPE_WINDOW = 1000
 # Larger than any update the hub accepts (--max-body, 1 MiB by default) plus its framing.
 _MAX_EVENT_BYTES = 1 << 24
-_RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# 507: the hub's disk is full; like a 503 it says when to look again (Retry-After).
+_RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507})
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
 """A JWT, or a function (plain or async) called for a fresh one before every request."""
@@ -85,6 +96,14 @@ class HubError(TidingsError):
 
 class AuthError(HubError):
     """401 or 403: retrying with the same token cannot help, so it is never retried."""
+
+
+class TokenTooOld(HubError):
+    """410 on a watch: the hub's change log no longer reaches back to the last change seen,
+    so the changes cannot resume without a gap; load a new snapshot (watch again)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(410, reason)
 
 
 PublishError = HubError
@@ -183,7 +202,24 @@ class RecentEvents:
 # -- the async client ---------------------------------------------------------------------
 
 
-class Client:
+class _AsyncClosing:
+    """`async with x:` hands out `x` and awaits `x.aclose()` on the way out, whatever
+    happened inside (the clients and subscriptions release connections that way)."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Client(_AsyncClosing):
     """An async client for one hub; use it as `async with Client(...) as client:`.
 
     `token` is a JWT or a function returning one (called before every request, so a
@@ -220,15 +256,6 @@ class Client:
     @property
     def base_url(self) -> str:
         return str(self._http.base_url)
-
-    async def __aenter__(self) -> Client:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close every open subscription, then the connections. The client cannot reopen."""
@@ -354,13 +381,11 @@ class Client:
         for each document of the snapshot (all pages; the changes resume from the first
         page's token, so a document changed while later pages load can come again as a
         change), then the MongoDB-shaped change events, forever. `filters` are field
-        equalities, `operationType` too (`"insert,update"`). Raises TokenTooOld when the
-        hub no longer holds the changes after the last one seen (load a new snapshot),
-        AuthError when the token may not read the collection.
+        equalities, `operationType` too (`"insert,update"`): the hub applies them to the
+        snapshot and to the changes. Raises TokenTooOld when the hub no longer holds the
+        changes after the last one seen (load a new snapshot), AuthError when the token may
+        not read the collection.
         """
-        from tidings.feeds.errors import TokenTooOld
-        from tidings.feeds.query import ChangeFilter
-
         self._check_open()
         path = f"/api/collections/{quote(collection, safe='')}"
         params = [(name, value if isinstance(value, str) else json.dumps(value))
@@ -373,8 +398,6 @@ class Client:
             index = {}  # the index only tells the key's name: "id" is the default
         keys = {c["name"]: c["key"] for c in index.get("collections", [])}
         key = keys.get(collection, "id")
-        # Filtered here, on the changes: the hub filters server-side once it can.
-        wanted = ChangeFilter.from_params(params)
         snapshot_params = [p for p in params if p[0] != "operationType"]
         token: str | None = None
         cursor: str | None = None
@@ -390,17 +413,16 @@ class Client:
             cursor = page.get("next_cursor")
             if not cursor:
                 break
-        async with Subscription(self, path + "/changes", [], last_event_id=token,
+        # The same filters go to the changes endpoint, which applies them before fan-out.
+        async with Subscription(self, path + "/changes", params, last_event_id=token,
                                 resume_param="resume_after") as changes:
             async for event in changes:
                 if event.event == "error":
                     raise TokenTooOld(str(json.loads(event.data).get("error")))
-                change = json.loads(event.data)
-                if wanted.accepts(change):
-                    yield change
+                yield json.loads(event.data)
 
 
-class Subscription:
+class Subscription(_AsyncClosing):
     """One subscription's events, forever: `async for event in subscription`.
 
     Use it as `async with client.subscribe(...) as events:` (or call `aclose`) so the
@@ -433,21 +455,13 @@ class Subscription:
         self._chunks: AsyncIterator[bytes] | None = None
         self._parser = EventParser(_MAX_EVENT_BYTES)
         self._retrying = False
+        self._unreachable = False
         self._extra_wait_s = 0.0
         self._closed = False
         client._subscriptions.add(self)
 
     def __aiter__(self) -> Subscription:
         return self
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop: release the connection; iterating afterwards ends at once."""
@@ -516,7 +530,12 @@ class Subscription:
             try:
                 response = await client._http.send(request, stream=True)
             except httpx.TransportError as exc:
-                log.debug("%s: cannot connect (%s)", self._path, exc or type(exc).__name__)
+                # Once per outage at INFO (where, and that it keeps trying), then quiet.
+                log.log(logging.DEBUG if self._unreachable else logging.INFO,
+                        "cannot reach %s%s (%s); retrying, at most %g s apart",
+                        client.base_url.rstrip("/"), self._path, exc or type(exc).__name__,
+                        client.max_backoff_s)
+                self._unreachable = True
                 continue
             content_type = response.headers.get("content-type", "")
             if response.status_code == 200 and content_type.startswith("text/event-stream"):
@@ -531,7 +550,11 @@ class Subscription:
                     # The hub's newest id when it registered us: a resume from it misses
                     # nothing even if the stream drops before the first event.
                     self.last_event_id = response.headers.get("last-event-id") or None
-                log.debug("%s: connected (resuming after %s)", self._path, self.last_event_id)
+                log.log(logging.INFO if self._unreachable else logging.DEBUG,
+                        "%s%s: connected (resuming after %s)", client.base_url.rstrip("/"),
+                        self._path,
+                        self.last_event_id)
+                self._unreachable = False
                 return
             try:
                 body = await response.aread()
@@ -552,7 +575,59 @@ class Subscription:
 # -- the synchronous wrapper ------------------------------------------------------------
 
 
-class SyncClient:
+class _Closing:
+    """`with x:` hands out `x` and calls `x.close()` on the way out (`_AsyncClosing`
+    without asyncio)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _blocking(
+    method: Callable[Concatenate[Client, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[SyncClient, _P], _T]:
+    """`method` of `Client` as a method of `SyncClient` that blocks until it is done: one
+    signature and one docstring for both, so the two cannot drift apart."""
+
+    @functools.wraps(method)
+    def blocking(self: SyncClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._runner.run(method(self.client, *args, **kwargs))
+
+    return blocking
+
+
+def _iterated_blocking(
+    method: Callable[Concatenate[Client, _P], Subscription],
+) -> Callable[Concatenate[SyncClient, _P], SyncSubscription]:
+    """`method` of `Client` as a method of `SyncClient` whose subscription is iterated
+    without asyncio (a `SyncSubscription`); like `_blocking`, one signature for both."""
+
+    @functools.wraps(method)
+    def iterated(self: SyncClient, /, *args: _P.args, **kwargs: _P.kwargs) -> SyncSubscription:
+        return SyncSubscription(self._runner, method(self.client, *args, **kwargs))
+
+    return iterated
+
+
+class _SyncOptions(TypedDict, total=False):
+    """The options of `Client` a `SyncClient` passes on (their defaults are `Client`'s)."""
+
+    token: TokenSource | None
+    max_backoff_s: float
+    timeout_s: float
+    idle_timeout_s: float | None
+
+
+class SyncClient(_Closing):
     """`Client` for scripts without asyncio (not for use inside a running event loop).
 
         with SyncClient("http://127.0.0.1:8000", token=TOKEN) as client:
@@ -564,28 +639,10 @@ class SyncClient:
     It runs its own event loop in the calling thread, one call at a time.
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        token: TokenSource | None = None,
-        max_backoff_s: float = 10.0,
-        timeout_s: float = 10.0,
-        idle_timeout_s: float | None = 90.0,
-    ) -> None:
+    def __init__(self, base_url: str, **options: Unpack[_SyncOptions]) -> None:
         self._runner = asyncio.Runner()
         self._closed = False
-        self.client = Client(base_url, token=token, max_backoff_s=max_backoff_s,
-                             timeout_s=timeout_s, idle_timeout_s=idle_timeout_s)
-
-    def __enter__(self) -> SyncClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self.client = Client(base_url, **options)
 
     def close(self) -> None:
         if self._closed:
@@ -596,35 +653,12 @@ class SyncClient:
         finally:
             self._runner.close()
 
-    def publish(
-        self,
-        topic: str | Sequence[str],
-        data: str = "",
-        *,
-        private: bool = False,
-        id: str | None = None,
-        type: str | None = None,
-        retry: int | None = None,
-        retries: int = 3,
-    ) -> str:
-        """`Client.publish`, blocking."""
-        return self._runner.run(self.client.publish(
-            topic, data, private=private, id=id, type=type, retry=retry, retries=retries))
+    publish = _blocking(Client.publish)
 
-    def subscribe(
-        self,
-        topics: str | Sequence[str],
-        last_event_id: str | None = None,
-        *,
-        selector: str = "topic",
-        dedupe: int = DEDUPE_WINDOW,
-    ) -> SyncSubscription:
-        """`Client.subscribe`, as a blocking iterator."""
-        return SyncSubscription(self._runner, self.client.subscribe(
-            topics, last_event_id, selector=selector, dedupe=dedupe))
+    subscribe = _iterated_blocking(Client.subscribe)
 
 
-class SyncSubscription:
+class SyncSubscription(_Closing):
     """A `Subscription` iterated without asyncio; `close()` (or `with`) releases it."""
 
     def __init__(self, runner: asyncio.Runner, subscription: Subscription) -> None:
@@ -649,15 +683,6 @@ class SyncSubscription:
             return await self.subscription.__anext__()
         except StopAsyncIteration:
             return None
-
-    def __enter__(self) -> SyncSubscription:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         self._runner.run(self.subscription.aclose())

@@ -27,8 +27,11 @@ async def run_with_backoff(
     """Await `attempt()` until it returns. When it raises, log `what` was interrupted and
     where (`position()`), and start it again after a jittered backoff: 50 ms, doubling up
     to 5 s, and back to 50 ms when the failed attempt had run for a while (a new failure,
-    not the same one again)."""
+    not the same one again). Only the first failure of a series is a WARNING: the attempts
+    that fail while the source is still away are DEBUG lines, not one line every 5 s for
+    the length of an outage."""
     backoff_s = FIRST_BACKOFF_S
+    in_a_row = 0
     while True:
         began = time.monotonic()
         try:
@@ -38,8 +41,10 @@ async def run_with_backoff(
             raise
         except Exception as exc:
             if time.monotonic() - began > 2 * MAX_BACKOFF_S:
-                backoff_s = FIRST_BACKOFF_S
-            log.warning("%s interrupted (%s); resuming after %s in %.2f s",
-                        what, exc, position(), backoff_s)
+                backoff_s, in_a_row = FIRST_BACKOFF_S, 0
+            in_a_row += 1
+            log.log(logging.WARNING if in_a_row == 1 else logging.DEBUG,
+                    "%s interrupted (%s); resuming after %s in %.2f s%s", what, exc,
+                    position(), backoff_s, "" if in_a_row == 1 else f" (attempt {in_a_row})")
             await asyncio.sleep(backoff_s * random.uniform(0.5, 1.5))
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)

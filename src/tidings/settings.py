@@ -1,12 +1,13 @@
-"""Every setting in one table: the CLI flags, their `TIDINGS_*` variables, the help text
-and the README's configuration table are all generated from `SETTINGS`."""
+"""Every setting in one table: the `Settings` dataclass states each one's name, type,
+default and help once, and `SETTINGS` (the CLI flags, their `TIDINGS_*` variables, the help
+text and the README's configuration table) is read off its fields, so the two cannot drift."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Literal, TypeVar, cast
 
 __all__ = ["SETTINGS", "Setting", "Settings", "markdown_table"]
 
@@ -29,101 +30,112 @@ class Setting:
         return "TIDINGS_" + self.name.upper()
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("host", "127.0.0.1", "str", "Interface to listen on."),
-    Setting("port", 8000, "int", "Port to listen on (0 picks a free one)."),
-    Setting("db", "sqlite:///tidings.db", "str",
-            "Database URL (history and collections): sqlite:///FILE, postgresql://... "
-            "or memory://."),
-    Setting("bus", "", "str",
-            "Shared bus for several processes: redis://HOST:PORT/DB or postgresql://... "
-            "(history then lives there, not in --db)."),
-    Setting("workers", 1, "int", "Worker processes on the one port (more than 1 needs --bus)."),
-    Setting("jwt_key", "", "str",
-            "Key for publisher and subscriber JWTs: HMAC secret or PEM public key."),
-    Setting("publisher_jwt_key", "", "str", "Key for publisher JWTs (overrides --jwt-key)."),
-    Setting("subscriber_jwt_key", "", "str", "Key for subscriber JWTs (overrides --jwt-key)."),
-    Setting("jwt_algorithm", "HS256", "str", "JWT algorithm: HS256/384/512, RS*, ES*, PS*, EdDSA."),
-    Setting("jwt_audience", "", "str", "Required `aud` claim, when set."),
-    Setting("jwt_issuer", "", "str", "Required `iss` claim, when set."),
-    Setting("anonymous", True, "bool",
-            "Let subscribers without a token connect (they receive public updates only)."),
-    Setting("cors_origins", "", "list", "Allowed CORS origins, comma-separated ('*' for any)."),
-    Setting("heartbeat", 30.0, "float", "Seconds of idleness before a ':' heartbeat comment."),
-    Setting("history_size", 100_000, "int", "Updates kept in history for replay."),
-    Setting("history_max_age", 0.0, "float", "Seconds an update stays in history (0: no limit)."),
-    Setting("subscriptions", False, "bool", "Publish subscription (presence) events and API."),
-    Setting("max_body", 1 << 20, "int", "Largest publish request body in bytes."),
-    Setting("max_selectors", 100, "int", "Most topic selectors in one subscription."),
-    Setting("max_subscribers", 20_000, "int", "Most concurrent subscribers (then 503)."),
-    Setting("subscriber_buffer", 1000, "int",
-            "Frames buffered per subscriber before it is disconnected as too slow."),
-    Setting("log_level", "info", "str", "Log level: debug, info, warning, error."),
-    Setting("config", "", "str",
-            "Collections configuration file (TOML or JSON): managed collections, watched "
-            "tables, schemas, read and write rules (docs/feeds.md)."),
-    Setting("changes_size", 100_000, "int",
-            "Changes kept in the collections' change log for resuming watches."),
-    Setting("changes_max_age", 0.0, "float",
-            "Seconds a change stays in the change log (0: no limit)."),
-    Setting("chat", True, "bool",
-            "Serve the chat at / (accounts, rooms, messages; docs/chat.md). The hub "
-            "debugger is at /hub either way."),
-    Setting("chat_session_ttl", 604_800.0, "float",
-            "Seconds a chat session (its cookie and JWT) lasts; refreshed past half-life."),
-    Setting("chat_rate_messages", 10, "int",
-            "Chat messages a user may post per --chat-rate-window (then 429)."),
-    Setting("chat_rate_window", 10.0, "float", "Seconds of the chat's rate-limit window."),
-    Setting("assistant_url", "", "str",
-            "OpenAI-compatible endpoint for @assistant in chat rooms (base URL: llama.cpp, "
-            "vLLM, Ollama...; Tidings POSTs {url}/v1/chat/completions). Unset: no assistant."),
-    Setting("assistant_model", "", "str", "Model name sent to the assistant endpoint."),
-    Setting("assistant_key", "", "str",
-            "Bearer token for the assistant endpoint, when it needs one."),
-    Setting("assistant_timeout", 30.0, "float",
-            "Seconds the assistant endpoint may stay silent (connecting, before or between "
-            "chunks) before its reply ends with an error."),
-    Setting("assistant_max_prompt", 2000, "int",
-            "Longest prompt (characters) sent to the assistant (then 422)."),
-)
+_T = TypeVar("_T")
+
+
+def _setting(default: _T, help_text: str) -> _T:
+    """A `Settings` field: its default and the help its flag and the README show."""
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    db: str = "sqlite:///tidings.db"
-    bus: str = ""
-    workers: int = 1
-    jwt_key: str = ""
-    publisher_jwt_key: str = ""
-    subscriber_jwt_key: str = ""
-    jwt_algorithm: str = "HS256"
-    jwt_audience: str = ""
-    jwt_issuer: str = ""
-    anonymous: bool = True
-    cors_origins: tuple[str, ...] = ()
-    heartbeat: float = 30.0
-    history_size: int = 100_000
-    history_max_age: float = 0.0
-    subscriptions: bool = False
-    max_body: int = 1 << 20
-    max_selectors: int = 100
-    max_subscribers: int = 20_000
-    subscriber_buffer: int = 1000
-    log_level: str = "info"
-    config: str = ""
-    changes_size: int = 100_000
-    changes_max_age: float = 0.0
-    chat: bool = True
-    chat_session_ttl: float = 604_800.0
-    chat_rate_messages: int = 10
-    chat_rate_window: float = 10.0
-    assistant_url: str = ""
-    assistant_model: str = ""
-    assistant_key: str = ""
-    assistant_timeout: float = 30.0
-    assistant_max_prompt: int = 2000
+    host: str = _setting("127.0.0.1", "Interface to listen on.")
+    port: int = _setting(8000, "Port to listen on (0 picks a free one).")
+    db: str = _setting(
+        "sqlite:///tidings.db",
+        "Database URL (history and collections): sqlite:///FILE, postgresql://... "
+        "or memory://.")
+    bus: str = _setting(
+        "",
+        "Shared bus for several processes: redis://HOST:PORT/DB or postgresql://... "
+        "(history then lives there, not in --db).")
+    workers: int = _setting(1, "Worker processes on the one port (more than 1 needs --bus).")
+    jwt_key: str = _setting(
+        "",
+        "Key for publisher and subscriber JWTs: HMAC secret or PEM public key.")
+    publisher_jwt_key: str = _setting("", "Key for publisher JWTs (overrides --jwt-key).")
+    subscriber_jwt_key: str = _setting("", "Key for subscriber JWTs (overrides --jwt-key).")
+    jwt_algorithm: str = _setting("HS256", "JWT algorithm: HS256/384/512, RS*, ES*, PS*, EdDSA.")
+    jwt_audience: str = _setting("", "Required `aud` claim, when set.")
+    jwt_issuer: str = _setting("", "Required `iss` claim, when set.")
+    anonymous: bool = _setting(
+        True,
+        "Let subscribers without a token connect (they receive public updates only).")
+    cors_origins: tuple[str, ...] = _setting(
+        (),
+        "Allowed CORS origins, comma-separated ('*' for any).")
+    heartbeat: float = _setting(30.0, "Seconds of idleness before a ':' heartbeat comment.")
+    history_size: int = _setting(100_000, "Updates kept in history for replay.")
+    history_max_age: float = _setting(0.0, "Seconds an update stays in history (0: no limit).")
+    subscriptions: bool = _setting(False, "Publish subscription (presence) events and API.")
+    max_body: int = _setting(1 << 20, "Largest publish request body in bytes.")
+    max_selectors: int = _setting(100, "Most topic selectors in one subscription.")
+    max_subscribers: int = _setting(20_000, "Most concurrent subscribers (then 503).")
+    subscriber_buffer: int = _setting(
+        1000,
+        "Frames buffered per subscriber before it is disconnected as too slow.")
+    uvicorn_fast_path: bool = _setting(
+        True,
+        "Write live streams straight to uvicorn's transport (uvicorn's private API, "
+        "pinned in pyproject.toml); off: through the ASGI send().")
+    head_timeout: float = _setting(
+        10.0,
+        "Seconds a client has to send a request's headers (then 408 and close).")
+    log_level: str = _setting("info", "Log level: debug, info, warning, error.")
+    config: str = _setting(
+        "",
+        "Collections configuration file (TOML or JSON): managed collections, watched "
+        "tables, schemas, read and write rules (docs/feeds.md).")
+    mongo: str = _setting(
+        "",
+        "MongoDB database whose collections are watched: mongodb://HOST:PORT/DB "
+        "(needs pip install 'tidings[mongodb]'; resume tokens are kept in --db).")
+    mongo_watch: tuple[str, ...] = _setting(
+        (),
+        "MongoDB collections to watch, comma-separated: each one change stream, "
+        "published on /collections/COLL (private unless --config says read = public).")
+    changes_size: int = _setting(
+        100_000,
+        "Changes kept in the collections' change log for resuming watches.")
+    changes_max_age: float = _setting(
+        0.0,
+        "Seconds a change stays in the change log (0: no limit).")
+    pg_capture: str = _setting(
+        "auto",
+        "How the PostgreSQL feed captures changes: logical (logical decoding, no trigger: "
+        "needs wal_level = logical and a role with REPLICATION), trigger (a trigger per "
+        "table, any server) or auto (logical where possible, else trigger).")
+    chat: bool = _setting(
+        True,
+        "Serve the chat at / (accounts, rooms, messages; docs/chat.md). The hub "
+        "debugger is at /hub either way.")
+    chat_session_ttl: float = _setting(
+        604_800.0,
+        "Seconds a chat session (its cookie and JWT) lasts; refreshed past half-life.")
+    chat_rate_messages: int = _setting(
+        10,
+        "Chat messages a user may post per --chat-rate-window (then 429).")
+    chat_rate_window: float = _setting(10.0, "Seconds of the chat's rate-limit window.")
+    chat_heartbeat: float = _setting(
+        3.0,
+        "With the chat on PostgreSQL (several processes): seconds between each process's "
+        "heartbeat; one silent for two is gone (its users offline, its work taken over).")
+    assistant_url: str = _setting(
+        "",
+        "OpenAI-compatible endpoint for @assistant in chat rooms (base URL: llama.cpp, "
+        "vLLM, Ollama...; Tidings POSTs {url}/v1/chat/completions). Unset: no assistant.")
+    assistant_model: str = _setting("", "Model name sent to the assistant endpoint.")
+    assistant_key: str = _setting(
+        "",
+        "Bearer token for the assistant endpoint, when it needs one.")
+    assistant_timeout: float = _setting(
+        30.0,
+        "Seconds the assistant endpoint may stay silent (connecting, before or between "
+        "chunks) before its reply ends with an error.")
+    assistant_max_prompt: int = _setting(
+        2000,
+        "Longest prompt (characters) sent to the assistant (then 422).")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -131,7 +143,9 @@ class Settings:
     @classmethod
     def from_json(cls, text: str) -> Settings:
         values = json.loads(text)
-        values["cors_origins"] = tuple(values.get("cors_origins", ()))
+        for setting in SETTINGS:
+            if setting.kind == "list":
+                values[setting.name] = tuple(values.get(setting.name, ()))
         return cls(**values)
 
     @property
@@ -148,14 +162,20 @@ class Settings:
         return self.subscriber_jwt_key or self.jwt_key
 
 
-def _check_table_matches_dataclass() -> None:
-    names = [f.name for f in fields(Settings)]
-    table = [s.name for s in SETTINGS]
-    if names != table:  # pragma: no cover - a programming error caught at import
-        raise RuntimeError(f"SETTINGS and Settings disagree: {names} != {table}")
+# The annotation of each `Settings` field (a string: postponed annotations) -> its kind.
+_KINDS: dict[str, Kind] = {
+    "str": "str", "int": "int", "float": "float", "bool": "bool", "tuple[str, ...]": "list",
+}
 
 
-_check_table_matches_dataclass()
+def _as_setting(f: dataclasses.Field[object]) -> Setting:
+    kind = _KINDS[str(f.type)]
+    # A list's default as its flag or variable spells it: comma-separated.
+    default = ",".join(cast("tuple[str, ...]", f.default)) if kind == "list" else f.default
+    return Setting(f.name, default, kind, f.metadata["help"])
+
+
+SETTINGS: tuple[Setting, ...] = tuple(_as_setting(f) for f in fields(Settings))
 
 
 def markdown_table() -> str:

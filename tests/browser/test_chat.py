@@ -11,18 +11,14 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
+from tests.browser.conftest import CHROMIUM
 from tests.conftest import PUBLISHER, HubProcess
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 ARTIFACTS = Path(__file__).parents[2] / "artifacts"
 WAIT_MS = 20_000
 PASSWORD = "correct horse battery"
@@ -36,18 +32,7 @@ from playwright.sync_api import (  # noqa: E402
     BrowserContext,
     Page,
     expect,
-    sync_playwright,
 )
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"no Chromium at {CHROMIUM}: CI must run the browser tests")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 class Window:
@@ -114,8 +99,9 @@ def metric(url: str, name: str) -> float:
 
 
 def test_two_windows_talk_and_lose_nothing_across_a_restart(
-        browser: Browser, windows: list[Window], hub_factory: type[HubProcess]) -> None:
-    server = hub_factory().start()
+        browser: Browser, windows: list[Window], chat_hubs: type[HubProcess]) -> None:
+    """On each store (`chat_db`): the one browser test run twice."""
+    server = chat_hubs().start()
     alice = Window(browser, server.url).sign_up("alice")
     windows.append(alice)
     bob = Window(browser, server.url).sign_up("bob")
@@ -151,7 +137,7 @@ def test_two_windows_talk_and_lose_nothing_across_a_restart(
     # Bob's network is down as well until the messages are in: he gets them by resuming
     # after the last id he saw (replay from the hub's history), not by luck of timing.
     bob.context.set_offline(True)
-    restarted = hub_factory("--port", str(port)).start()
+    restarted = chat_hubs("--port", str(port)).start()
     assert restarted.url == server.url
     missed = [f"Sent while you were away, {i} of 5" for i in range(1, 6)]
     for text in missed:
@@ -197,9 +183,15 @@ def test_history_scrolls_up_exports_and_notifications(
     session = carol.cookies["tidings_session"]
     for i in range(1, 121):
         post(server.url, session, "/api/rooms/general/messages", content=f"history {i:03}")
-    dave = Window(browser, server.url).sign_up("dave")
+    dave = Window(browser, server.url)
     windows.append(dave)
     page = dave.page
+    # The page subscribes right after the history it loaded: its last_event_id.
+    with page.expect_response(lambda r: "/api/rooms/general/messages" in r.url) as history, \
+            page.expect_request(lambda r: "/.well-known/mercure" in r.url) as subscription:
+        dave.sign_up("dave")
+    resume = parse_qs(urlsplit(subscription.value.url).query)["lastEventID"]
+    assert resume == [history.value.json()["last_event_id"]]
 
     # The newest page first, then older ones as the list is scrolled up.
     expect(dave.messages("history 120")).to_have_count(1, timeout=WAIT_MS)
@@ -251,3 +243,153 @@ def test_history_scrolls_up_exports_and_notifications(
     page.get_by_role("button", name="Log in").click()
     expect(page.locator("#auth-error")).to_have_text("wrong username or password",
                                                      timeout=WAIT_MS)
+
+
+# -- a new user's first minutes: each fix leaves a screenshot in artifacts/first-minutes/ ----
+
+SHOTS = ARTIFACTS / "first-minutes"
+
+
+def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def watch_console(page: Page) -> list[str]:
+    """Errors a visitor would see in the console: logged errors, and failed requests
+    (which Chromium logs as "Failed to load resource")."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console: {m.text}")
+            if m.type == "error" else None)
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}")
+            if r.status >= 400 else None)
+    return problems
+
+
+def within(inner: dict[str, float] | None, outer: dict[str, float] | None) -> bool:
+    assert inner is not None and outer is not None
+    return (inner["y"] >= outer["y"] - 1
+            and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 1)
+
+
+def test_a_signed_out_visit_logs_nothing_and_both_pages_have_an_icon(
+        browser: Browser, hub_factory: type[HubProcess]) -> None:
+    server = hub_factory().start()
+    context = browser.new_context(viewport={"width": 1200, "height": 720})
+    page = context.new_page()
+    problems = watch_console(page)
+    page.goto(server.url + "/")
+    expect(page.get_by_role("button", name="Sign up")).to_be_visible(timeout=WAIT_MS)
+    page.wait_for_load_state("networkidle")
+    shot(page, "signed-out")
+    assert problems == []  # /api/me's 401 was one
+    for path in ("/", "/hub"):
+        page.goto(server.url + path)
+        page.wait_for_load_state("networkidle")
+        icon = page.locator("link[rel=icon]").get_attribute("href")
+        assert icon and icon.endswith(".svg"), f"{path} has no icon"
+        assert page.request.get(server.url + icon).ok
+    expect(page.locator("#st-status")).not_to_have_text("…", timeout=WAIT_MS)
+    shot(page, "hub-with-icon")
+    context.close()
+    assert problems == []
+
+
+def test_exports_say_done_and_why_csv_cells_get_a_quote(
+        browser: Browser, windows: list[Window], hub_factory: type[HubProcess]) -> None:
+    server = hub_factory().start()
+    erin = Window(browser, server.url).sign_up("erin")
+    windows.append(erin)
+    page = erin.page
+    erin.send("@alice =1+1")
+    expect(erin.messages("@alice =1+1")).to_have_count(1, timeout=WAIT_MS)
+    csv_option = page.locator("#export-format option[value=csv]")
+    assert "formula" in (csv_option.get_attribute("title") or "")
+    page.get_by_label("Export format").select_option("csv")
+    page.get_by_role("button", name="Export history").click()
+    task = page.locator(".task[data-state=completed]")
+    expect(task.locator(".hint").first).to_have_text("done", timeout=WAIT_MS)
+    expect(task).not_to_contain_text("%")
+    note = task.locator(".csv-note")
+    expect(note).to_contain_text("'")
+    assert "formula" in (note.get_attribute("title") or "")
+    shot(page, "export-done")
+    href = task.get_by_role("link", name="Download").get_attribute("href")
+    assert href is not None
+    assert "'@alice =1+1" in page.request.get(server.url + href).text()
+
+
+def test_editing_the_last_message_is_not_cut_off(
+        browser: Browser, windows: list[Window], hub_factory: type[HubProcess]) -> None:
+    server = hub_factory("--chat-rate-messages", "1000").start()
+    frank = Window(browser, server.url).sign_up("frank")
+    windows.append(frank)
+    page = frank.page
+    for i in range(1, 31):
+        post(server.url, frank.session(), "/api/rooms/general/messages", content=f"line {i}")
+    expect(frank.messages("line 30")).to_have_count(1, timeout=WAIT_MS)
+    page.locator("#messages li.mine").last.get_by_role("button", name="Edit").click()
+    editor = page.get_by_role("textbox", name="Edit the message")
+    expect(editor).to_be_focused()
+    scroller = page.locator("#scroller").bounding_box()
+    save = page.locator("#messages li.mine").last.get_by_role("button", name="Save")
+    assert within(editor.bounding_box(), scroller)
+    assert within(save.bounding_box(), scroller)
+    shot(page, "edit-last-message")
+
+
+def test_a_non_member_sees_only_join_room(
+        browser: Browser, windows: list[Window], hub_factory: type[HubProcess]) -> None:
+    server = hub_factory().start()
+    gina = httpx.post(server.url + "/api/auth/signup", timeout=10,
+                      json={"username": "gina", "password": PASSWORD})
+    assert post(server.url, gina.cookies["tidings_session"], "/api/rooms",
+                name="books").status_code == 201
+    hank = Window(browser, server.url).sign_up("hank")
+    windows.append(hank)
+    page = hank.page
+    page.locator('#rooms button[data-room="books"]').click()
+    expect(page.get_by_role("button", name="Join room")).to_be_visible(timeout=WAIT_MS)
+    for hidden in ("#composer-hint", "#export", "#export-format", "#composer", "#send"):
+        expect(page.locator(hidden)).to_be_hidden()
+    shot(page, "non-member")
+    page.get_by_role("button", name="Join room").click()
+    expect(page.locator("#composer-hint")).to_be_visible(timeout=WAIT_MS)
+    expect(page.get_by_role("button", name="Export history")).to_be_visible()
+
+
+def test_the_newest_message_is_in_view_at_390_px(
+        browser: Browser, windows: list[Window], hub_factory: type[HubProcess]) -> None:
+    server = hub_factory("--chat-rate-messages", "1000").start()
+    ivan = httpx.post(server.url + "/api/auth/signup", timeout=10,
+                      json={"username": "ivan", "password": PASSWORD})
+    session = ivan.cookies["tidings_session"]
+    for i in range(1, 41):
+        post(server.url, session, "/api/rooms/general/messages", content=f"older news {i}")
+    window = Window(browser, server.url)
+    windows.append(window)
+    window.context.close()
+    window.context = browser.new_context(viewport={"width": 390, "height": 844},
+                                         is_mobile=True, has_touch=True)
+    window.page = window.context.new_page()
+    window.page.on("pageerror", lambda exc: window.errors.append(str(exc)))
+    window.sign_up("judy")
+    page = window.page
+    newest = window.messages("older news 40")
+    expect(newest).to_have_count(1, timeout=WAIT_MS)
+    expect(newest).to_be_in_viewport(timeout=WAIT_MS)
+    assert within(newest.bounding_box(), page.locator("#scroller").bounding_box())
+    shot(page, "narrow-newest-in-view")
+    # The visible height shrinks (a phone's address bar comes back, its keyboard opens):
+    # the page fits the new height, and a reader at the bottom stays there.
+    page.set_viewport_size({"width": 390, "height": 520})
+    expect(page.get_by_role("textbox", name="Message")).to_be_in_viewport(timeout=WAIT_MS)
+    expect(newest).to_be_in_viewport(timeout=WAIT_MS)
+    assert within(newest.bounding_box(), page.locator("#scroller").bounding_box())
+    shot(page, "narrow-shorter-viewport")
+    window.send("and one from me")
+    mine = window.messages("and one from me")
+    expect(mine).to_be_in_viewport(timeout=WAIT_MS)
+    composer = page.get_by_role("textbox", name="Message")
+    expect(composer).to_be_in_viewport()
+    shot(page, "narrow-after-sending")

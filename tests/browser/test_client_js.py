@@ -18,14 +18,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.conftest import PUBLISHER, HubProcess, token
-from tests.integration.test_cli import free_port, subscribers, wait_for
+from tests.browser.conftest import CHROMIUM
+from tests.conftest import PUBLISHER, HubProcess, RestartableHub, token
+from tests.integration.test_cli import subscribers, wait_for
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 PAGE = Path(__file__).parent / "pages" / "client.html"
 PAGE_PATH = "/__tests__/client.html"
 WAIT_MS = 20_000
@@ -34,17 +30,7 @@ if os.environ.get("CI") != "true" and not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)",
                 allow_module_level=True)
 
-from playwright.sync_api import Browser, Page, Route, sync_playwright  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"no Chromium at {CHROMIUM}: CI must run the browser tests")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+from playwright.sync_api import Browser, Page, Route  # noqa: E402
 
 
 @pytest.fixture
@@ -76,6 +62,14 @@ def wait_js(page: Page, condition: str) -> None:
     page.wait_for_function(condition, timeout=WAIT_MS)
 
 
+def subscribe_live(page: Page, hub: HubProcess, topics: list[str]) -> None:
+    """Load the page and subscribe it to `topics` with a short backoff (50 to 400 ms);
+    returns once the subscription is live."""
+    load(page, hub)
+    start(page, topics=topics, initialDelayMs=50, maxDelayMs=400)
+    wait_js(page, "sub.status === 'live'")
+
+
 def publish(hub: HubProcess, topic: str, data: str, **fields: str) -> str:
     reply = httpx.post(hub.url + "/.well-known/mercure",
                        data={"topic": topic, "data": data, **fields},
@@ -89,13 +83,10 @@ def resumed_from(url: str) -> str | None:
 
 
 def test_every_update_exactly_once_in_order_across_a_hub_restart(
-    page: Page, hub_factory: type[HubProcess]
+    page: Page, restartable: RestartableHub
 ) -> None:
-    port = str(free_port())
-    server = hub_factory("--port", port).start()
-    load(page, server)
-    start(page, topics=["/books/{id}"], initialDelayMs=50, maxDelayMs=400)
-    wait_js(page, "sub.status === 'live'")
+    server = restartable.start()
+    subscribe_live(page, server, ["/books/{id}"])
     ids = [
         publish(server, "/books/1", json.dumps({"n": 1})),
         publish(server, "/books/2", "plain text 2"),
@@ -108,10 +99,9 @@ def test_every_update_exactly_once_in_order_across_a_hub_restart(
     wait_js(page, "statuses.includes('reconnecting')")
     # Published while the hub on the page's port is down: through another hub process on
     # the same database, so these can only reach the page by replay from history.
-    side = hub_factory().start()
-    ids += [publish(side, "/books/4", "4"), publish(side, "/books/5", "5")]
-    side.stop()
-    server = hub_factory("--port", port).start()
+    with restartable.side() as side:
+        ids += [publish(side, "/books/4", "4"), publish(side, "/books/5", "5")]
+    server = restartable.start()
     ids += [publish(server, "/books/6", "6")]  # right away: the page may not be back yet
     wait_js(page, "updates.length >= 6 && sub.status === 'live'")
     ids += [publish(server, "/books/7", "7")]
@@ -131,16 +121,13 @@ def test_every_update_exactly_once_in_order_across_a_hub_restart(
 
 
 def test_status_sequence_and_close_releases_the_connection(
-    page: Page, hub_factory: type[HubProcess]
+    page: Page, restartable: RestartableHub
 ) -> None:
-    port = str(free_port())
-    server = hub_factory("--port", port).start()
-    load(page, server)
-    start(page, topics=["/s"], initialDelayMs=50, maxDelayMs=400)
-    wait_js(page, "sub.status === 'live'")
+    server = restartable.start()
+    subscribe_live(page, server, ["/s"])
     server.stop()  # a graceful stop ends the stream
     wait_js(page, "sub.status === 'reconnecting'")
-    server = hub_factory("--port", port).start()
+    server = restartable.start()
     wait_js(page, "sub.status === 'live'")
     wait_for(lambda: subscribers(server.url) == 1)
     page.evaluate("sub.close()")
@@ -150,21 +137,17 @@ def test_status_sequence_and_close_releases_the_connection(
 
 
 def test_a_drop_before_the_first_update_loses_nothing(
-    page: Page, hub_factory: type[HubProcess]
+    page: Page, restartable: RestartableHub
 ) -> None:
-    port = str(free_port())
-    server = hub_factory("--port", port).start()
+    server = restartable.start()
     before = publish(server, "/quiet", "before the page subscribed")
-    load(page, server)
-    start(page, topics=["/quiet"], initialDelayMs=50, maxDelayMs=400)
-    wait_js(page, "sub.status === 'live'")
+    subscribe_live(page, server, ["/quiet"])
     assert page.evaluate("sub.lastEventId") == before  # from the hub's Last-Event-ID
     server.stop(signal.SIGKILL)
     wait_js(page, "sub.status === 'reconnecting'")
-    side = hub_factory().start()
-    missed = publish(side, "/quiet", "while the page was away")
-    side.stop()
-    server = hub_factory("--port", port).start()
+    with restartable.side() as side:
+        missed = publish(side, "/quiet", "while the page was away")
+    server = restartable.start()
     wait_js(page, "updates.length === 1")
     assert page.evaluate("updates.map(u => u.id)") == [missed]
 

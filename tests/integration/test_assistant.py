@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import HubProcess, SSEStream
+from tests.integration.feed_backends import eventually
 from tests.integration.test_chat import next_of, signup, stream, users
 from tidings.sse import Event, EventParser
 
@@ -152,18 +153,25 @@ async def no_message_within(events: SSEStream, seconds: float) -> None:
                       timeout_s=seconds)
 
 
-def assistant_hub(hub_factory: type[HubProcess], url: str, *args: str) -> HubProcess:
-    return hub_factory("--assistant-url", url, "--assistant-model", "test-model",
+def assistant_hub(chat_hubs: type[HubProcess], url: str, *args: str) -> HubProcess:
+    return chat_hubs("--assistant-url", url, "--assistant-model", "test-model",
                        "--assistant-key", "sk-test", *args).start()
+
+
+@contextlib.asynccontextmanager
+async def assistant_server(chat_hubs: type[HubProcess], *args: str, mode: str = "ok",
+                           ) -> AsyncIterator[tuple[FakeLLM, HubProcess]]:
+    """The stand-in endpoint, answering in `mode`, and a hub whose assistant talks to it."""
+    async with fake_llm() as fake:
+        fake.mode = mode
+        yield fake, assistant_hub(chat_hubs, fake.url, *args)
 
 
 # -- the room sees the reply grow -----------------------------------------------------------
 
 
-async def test_the_room_sees_created_deltas_completed(hub_factory: type[HubProcess]) -> None:
-    async with fake_llm() as fake:
-        fake.mode = "gated"
-        server = assistant_hub(hub_factory, fake.url)
+async def test_the_room_sees_created_deltas_completed(chat_hubs: type[HubProcess]) -> None:
+    async with assistant_server(chat_hubs, mode="gated") as (fake, server):
         async with users(server.url, "alice", "bob") as (alice, bob), \
                 stream(bob, "/chat/rooms/general") as bob_sees:
             await ask(bob, "earlier words")
@@ -197,10 +205,8 @@ async def test_the_room_sees_created_deltas_completed(hub_factory: type[HubProce
 
 
 async def test_a_window_that_connects_mid_reply_catches_up(
-        hub_factory: type[HubProcess]) -> None:
-    async with fake_llm() as fake:
-        fake.mode = "gated"
-        server = assistant_hub(hub_factory, fake.url)
+        chat_hubs: type[HubProcess]) -> None:
+    async with assistant_server(chat_hubs, mode="gated") as (fake, server):
         async with users(server.url, "alice", "bob", "carol") as (alice, bob, carol), \
                 stream(alice, "/chat/rooms/general") as alice_sees:
             await ask(alice)
@@ -236,10 +242,8 @@ async def test_a_window_that_connects_mid_reply_catches_up(
 # -- ending a reply: stop, timeout, failures ------------------------------------------------
 
 
-async def test_the_asker_can_stop_a_reply(hub_factory: type[HubProcess]) -> None:
-    async with fake_llm() as fake:
-        fake.mode = "gated"
-        server = assistant_hub(hub_factory, fake.url)
+async def test_the_asker_can_stop_a_reply(chat_hubs: type[HubProcess]) -> None:
+    async with assistant_server(chat_hubs, mode="gated") as (fake, server):
         async with users(server.url, "alice", "bob") as (alice, bob), \
                 stream(bob, "/chat/rooms/general") as bob_sees:
             await ask(alice)
@@ -262,9 +266,8 @@ async def test_the_asker_can_stop_a_reply(hub_factory: type[HubProcess]) -> None
             await no_message_within(bob_sees, 0.3)
 
 
-async def test_failures_end_the_reply_with_a_note(hub_factory: type[HubProcess]) -> None:
-    async with fake_llm() as fake:
-        server = assistant_hub(hub_factory, fake.url, "--assistant-timeout", "0.5")
+async def test_failures_end_the_reply_with_a_note(chat_hubs: type[HubProcess]) -> None:
+    async with assistant_server(chat_hubs, "--assistant-timeout", "0.5") as (fake, server):
         async with users(server.url, "alice") as (alice,), \
                 stream(alice, "/chat/rooms/general") as sees:
             for mode, content, note in (("500", "", "HTTP 500"),
@@ -279,11 +282,11 @@ async def test_failures_end_the_reply_with_a_note(hub_factory: type[HubProcess])
                 assert final["content"] == text == content, mode
 
 
-async def test_an_unreachable_endpoint(hub_factory: type[HubProcess]) -> None:
+async def test_an_unreachable_endpoint(chat_hubs: type[HubProcess]) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = assistant_hub(hub_factory, f"http://127.0.0.1:{port}")
+    server = assistant_hub(chat_hubs, f"http://127.0.0.1:{port}")
     async with users(server.url, "alice") as (alice,), \
             stream(alice, "/chat/rooms/general") as sees:
         await ask(alice)
@@ -295,10 +298,8 @@ async def test_an_unreachable_endpoint(hub_factory: type[HubProcess]) -> None:
 
 
 async def test_a_restart_ends_a_reply_that_was_streaming(
-        hub_factory: type[HubProcess]) -> None:
-    async with fake_llm() as fake:
-        fake.mode = "gated"
-        server = assistant_hub(hub_factory, fake.url)
+        chat_hubs: type[HubProcess]) -> None:
+    async with assistant_server(chat_hubs, mode="gated") as (fake, server):
         async with users(server.url, "alice") as (alice,), \
                 stream(alice, "/chat/rooms/general") as sees:
             await ask(alice)
@@ -306,23 +307,33 @@ async def test_a_restart_ends_a_reply_that_was_streaming(
             fake.release()
             await next_of(sees, "message.delta")
         server.stop(signal.SIGKILL)
-        again = assistant_hub(hub_factory, fake.url)
+        # On SQLite the new process ends it at start; on PostgreSQL (several processes)
+        # the reply is the killed process's until its heartbeat expires (`--chat-heartbeat`
+        # 0.5: within a second or two), then the sweep ends it.
+        again = assistant_hub(chat_hubs, fake.url, "--chat-heartbeat", "0.5")
         async with httpx.AsyncClient(base_url=again.url, timeout=10) as client:
             login = await client.post("/api/auth/login", json={
                 "username": "alice", "password": "correct horse battery"})
             assert login.status_code == 200
-            message = (await client.get("/api/rooms/general/messages?limit=1")
-                       ).json()["messages"][0]
+            latest: list[dict[str, Any]] = []
+
+            async def ended() -> bool:
+                latest[:] = (await client.get("/api/rooms/general/messages?limit=1")
+                             ).json()["messages"]
+                return latest[0]["assistant"]["state"] != "streaming"
+
+            await eventually(ended)
+        message = latest[0]
         assert message["id"] == message_id and message["content"] == CHUNKS[0]
         assert message["assistant"]["state"] == "failed"
-        assert "restarted" in message["assistant"]["note"]
+        assert "interrupted" in message["assistant"]["note"]
 
 
 # -- no endpoint, limits --------------------------------------------------------------------
 
 
-async def test_without_an_endpoint_it_says_so_once(hub_factory: type[HubProcess]) -> None:
-    server = hub_factory().start()
+async def test_without_an_endpoint_it_says_so_once(chat_hubs: type[HubProcess]) -> None:
+    server = chat_hubs().start()
     async with users(server.url, "alice") as (alice,), \
             stream(alice, "/chat/rooms/general") as sees:
         await ask(alice)
@@ -339,9 +350,8 @@ async def test_without_an_endpoint_it_says_so_once(hub_factory: type[HubProcess]
         assert taken.status_code == 409
 
 
-async def test_a_prompt_too_large_is_refused(hub_factory: type[HubProcess]) -> None:
-    async with fake_llm() as fake:
-        server = assistant_hub(hub_factory, fake.url, "--assistant-max-prompt", "50")
+async def test_a_prompt_too_large_is_refused(chat_hubs: type[HubProcess]) -> None:
+    async with assistant_server(chat_hubs, "--assistant-max-prompt", "50") as (fake, server):
         async with users(server.url, "alice") as (alice,):
             long = "@assistant " + "x" * 60
             refused = await alice.post("/api/rooms/general/messages", json={"content": long})
@@ -381,9 +391,8 @@ async def post_stream(client: httpx.AsyncClient, prompt: str,
 
 
 async def test_a_private_answer_streams_to_the_caller_only(
-        hub_factory: type[HubProcess]) -> None:
-    async with fake_llm() as fake:
-        server = assistant_hub(hub_factory, fake.url)
+        chat_hubs: type[HubProcess]) -> None:
+    async with assistant_server(chat_hubs) as (fake, server):
         async with users(server.url, "alice", "bob") as (alice, bob), \
                 stream(bob, "/chat/rooms/general") as bob_sees:
             fake.mode = "gated"
@@ -410,3 +419,24 @@ async def test_a_private_answer_streams_to_the_caller_only(
                                         json={"prompt": "hi"})).status_code == 404
         finally:
             await outsider.aclose()
+
+
+async def test_a_caller_who_leaves_a_private_answer_hangs_up_the_endpoint(
+        chat_hubs: type[HubProcess]) -> None:
+    async with assistant_server(chat_hubs) as (fake, server):
+        async with users(server.url, "alice") as (alice,):
+            fake.mode = "gated"
+            async with alice.stream("POST", "/api/rooms/general/assistant",
+                                    json={"prompt": "a long story"}) as response:
+                assert response.status_code == 200
+                fake.release()
+                parser = EventParser()
+                async for chunk in response.aiter_raw():
+                    if parser.feed(chunk):
+                        break  # the first delta is in: leave mid-reply
+            await asyncio.wait_for(fake.disconnected.wait(), 5)  # the endpoint was hung up
+            assert len(fake.requests) == 1
+            # The server is fine: the next question is answered in full.
+            fake.mode = "ok"
+            events = await post_stream(alice, "again")
+            assert [e.event for e in events][-1] == "done"

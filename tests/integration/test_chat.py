@@ -72,8 +72,8 @@ def cookie_attributes(reply: httpx.Response) -> dict[str, str]:
 
 
 @pytest.fixture
-def server(hub_factory: type[HubProcess]) -> HubProcess:
-    return hub_factory().start()
+def server(chat_hubs: type[HubProcess]) -> HubProcess:
+    return chat_hubs().start()
 
 
 # -- accounts ------------------------------------------------------------------------------
@@ -180,8 +180,8 @@ async def test_posting_too_fast_is_429_with_retry_after(server: HubProcess) -> N
                                json={"content": "hi"})).status_code == 201
 
 
-async def test_the_rate_is_configurable(hub_factory: type[HubProcess]) -> None:
-    server = hub_factory("--chat-rate-messages", "2", "--chat-rate-window", "60").start()
+async def test_the_rate_is_configurable(chat_hubs: type[HubProcess]) -> None:
+    server = chat_hubs("--chat-rate-messages", "2", "--chat-rate-window", "60").start()
     async with users(server.url, "alice") as (alice,):
         codes = [(await alice.post("/api/rooms/general/messages",
                                    json={"content": str(i)})).status_code for i in range(3)]
@@ -409,8 +409,8 @@ async def test_a_mention_notifies_that_user(server: HubProcess) -> None:
 
 
 async def test_export_reports_progress_and_serves_the_file(
-        hub_factory: type[HubProcess]) -> None:
-    server = hub_factory("--chat-rate-messages", "1000").start()
+        chat_hubs: type[HubProcess]) -> None:
+    server = chat_hubs("--chat-rate-messages", "1000").start()
     async with users(server.url, "alice", "bob") as (alice, bob), \
             stream(alice, "/tasks/alice.{id}") as alice_tasks, \
             stream(bob, "/tasks/{id}") as bob_tasks:
@@ -458,15 +458,15 @@ async def test_export_reports_progress_and_serves_the_file(
 
 
 async def test_a_stream_resumes_across_a_restart_with_every_message_once(
-        hub_factory: type[HubProcess]) -> None:
-    first = hub_factory().start()
+        chat_hubs: type[HubProcess]) -> None:
+    first = chat_hubs().start()
     port = urlsplit(first.url).port
     async with users(first.url, "alice", "bob") as (alice, bob):
         async with stream(bob, "/chat/rooms/general") as bob_sees:
             await alice.post("/api/rooms/general/messages", json={"content": "before"})
             last_id = (await next_of(bob_sees, "message.created"))["_id"]
         first.stop()
-        second = hub_factory("--port", str(port)).start()
+        second = chat_hubs("--port", str(port)).start()
         assert second.url == first.url
         sent = []
         for i in range(5):  # while bob is away

@@ -20,8 +20,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import PUBLISHER, HubProcess, open_stream, token
-from tests.integration.test_cli import free_port
+from tests.conftest import PUBLISHER, HubProcess, RestartableHub, free_port, open_stream, token
 from tidings.client import (
     AuthError,
     Client,
@@ -35,7 +34,7 @@ from tidings.client import (
 )
 from tidings.errors import BadRequest
 from tidings.feeds.sqlite import watch_table
-from tidings.hub.auth import encode_token
+from tidings.hub.tokens import encode_token
 from tidings.sse import Event
 
 pytestmark = pytest.mark.anyio
@@ -105,10 +104,9 @@ async def test_publish_then_receive_typed_private_and_json(hub: HubProcess) -> N
 
 
 async def test_subscribe_survives_a_hub_restart_without_loss_or_repeat(
-    hub_factory: type[HubProcess],
+    restartable: RestartableHub,
 ) -> None:
-    port = str(free_port())
-    server = hub_factory("--port", port).start()
+    server = restartable.start()
     async with fast(server.url, PUBLISHER) as client:
         events = client.subscribe(["/r/{n}"])
         async with consuming(events) as queue:
@@ -119,11 +117,10 @@ async def test_subscribe_survives_a_hub_restart_without_loss_or_repeat(
             server.stop(signal.SIGKILL)
             # Published while the hub at this port is down, through another hub process
             # on the same database: these can only arrive by replay from history.
-            side = hub_factory().start()
-            async with Client(side.url, token=PUBLISHER) as other:
-                ids += [await other.publish(f"/r/{n}", str(n)) for n in (4, 5)]
-            side.stop()
-            server = hub_factory("--port", port).start()
+            with restartable.side() as side:
+                async with Client(side.url, token=PUBLISHER) as other:
+                    ids += [await other.publish(f"/r/{n}", str(n)) for n in (4, 5)]
+            server = restartable.start()
             ids.append(await client.publish("/r/6", "6"))  # right away
             got = await take(queue, 3)
             ids.append(await client.publish("/r/7", "7"))
@@ -137,10 +134,9 @@ async def test_subscribe_survives_a_hub_restart_without_loss_or_repeat(
 
 
 async def test_a_drop_before_the_first_event_loses_nothing(
-    hub_factory: type[HubProcess],
+    restartable: RestartableHub,
 ) -> None:
-    port = str(free_port())
-    server = hub_factory("--port", port).start()
+    server = restartable.start()
     async with fast(server.url, PUBLISHER) as client:
         before = await client.publish("/quiet", "before")
         events = client.subscribe("/quiet")
@@ -149,11 +145,10 @@ async def test_a_drop_before_the_first_event_loses_nothing(
             await until(lambda: events.last_event_id is not None)
             assert events.last_event_id == before
             server.stop(signal.SIGKILL)
-            side = hub_factory().start()
-            async with Client(side.url, token=PUBLISHER) as other:
-                missed = await other.publish("/quiet", "while away")
-            side.stop()
-            server = hub_factory("--port", port).start()
+            with restartable.side() as side:
+                async with Client(side.url, token=PUBLISHER) as other:
+                    missed = await other.publish("/quiet", "while away")
+            server = restartable.start()
             assert [e.id for e in await take(queue, 1)] == [missed]
 
 

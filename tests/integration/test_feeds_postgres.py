@@ -1,14 +1,18 @@
-"""Collections and change feeds on a real PostgreSQL server, over real HTTP (`tidings serve`).
+"""What only the PostgreSQL change feed has (the contract every feed keeps is test_feeds.py).
 
-The behaviours of test_feeds_sqlite.py that are not SQLite's own, plus what PostgreSQL adds:
-many concurrent writer connections whose changes must reach a subscriber exactly once and
-in commit order (sequences do not follow commit order; the feed's order lock does), none
-from rolled-back transactions or savepoints, and one tailer among several servers.
+Many concurrent writer connections, committing out of transaction-id order, whose changes
+must reach a subscriber exactly once, each transaction's together and in statement order,
+and a transaction that committed before another began first (docs/feeds.md, "Order");
+none from rolled-back transactions or savepoints; a transaction left open that holds back
+nobody else; TRUNCATE; one tailer among several servers that sleeps when nothing happens;
+a real restart of the PostgreSQL server; a change log made by the previous version; and
+what `tidings watch` refuses here (views, tables without a single-column key).
 
-Each test runs in a schema of its own (`?search_path=SCHEMA`: the change log, the hub's
-history and the tables all live there), dropped afterwards. External writers are plain
-asyncpg connections in this process (the server is another process). Waits are bounded by
-deadlines.
+Each test runs in a schema of its own (`pg`: see feed_backends.py), dropped afterwards,
+once per way of capturing (`postgres`: triggers, `postgres-logical`: logical decoding;
+what only one way has: `pg_trigger` here, test_feeds_postgres_logical.py).
+External writers are plain asyncpg connections in this process (the server is another
+process). Waits are bounded by deadlines.
 """
 
 from __future__ import annotations
@@ -16,444 +20,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import KEY, PUBLISHER, HubProcess, open_stream
-from tests.integration.test_feeds_sqlite import insert, payload, seq_of, watch
-from tests.services import POSTGRES_URL, require
+from tests.conftest import SSEStream, open_stream
+from tests.integration.feed_backends import (
+    CONFIG_POSTGRES,
+    PostgresDB,
+    eventually,
+    insert,
+    payload,
+    seq_of,
+    watch,
+)
 from tidings.sse import Event
 
 pytestmark = pytest.mark.anyio
 
-CONFIG = r'''
-[collections.messages]
-schema.type = "object"
-schema.required = ["username", "content"]
-schema.properties.username = { type = "string", pattern = "\\S" }
-schema.properties.content = { type = "string", pattern = "\\S" }
-read = "public"
 
-[collections.secret]
-write = "anyone"
-
-[tables.orders]
-read = "public"
-'''
-AUTH = {"Authorization": f"Bearer {PUBLISHER}"}
-DB_NAME = urlsplit(POSTGRES_URL).path.lstrip("/")
-
-
-@dataclass
-class Database:
-    """One test's schema on the test server."""
-
-    schema: str
-    base_url: str
-
-    @property
-    def url(self) -> str:
-        """What `--db` gets: everything Tidings creates goes into the schema."""
-        joiner = "&" if "?" in self.base_url else "?"
-        return f"{self.base_url}{joiner}search_path={self.schema}"
-
-    @contextlib.asynccontextmanager
-    async def connect(self) -> AsyncIterator[asyncpg.Connection]:
-        conn = await asyncpg.connect(self.url)
-        try:
-            yield conn
-        finally:
-            await conn.close()
-
-    async def execute(self, sql: str, *args: object) -> None:
-        async with self.connect() as conn:
-            await conn.execute(sql, *args)
-
-    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
-        async with self.connect() as conn:
-            return list(await conn.fetch(sql, *args))
-
-    async def fetchval(self, sql: str, *args: object) -> object:
-        async with self.connect() as conn:
-            return await conn.fetchval(sql, *args)
-
-    async def state(self, name: str) -> int:
-        value = await self.fetchval("SELECT value FROM tidings_feed_state WHERE name = $1", name)
-        return int(str(value))
-
-    async def state_at_least(self, name: str, value: int) -> bool:
-        return await self.state(name) >= value
-
-    async def tailer_sessions(self) -> tuple[int, int]:
-        """(tailing, standing by): the feed's tailer connections for this schema."""
-        rows = await self.fetch(
-            "SELECT wait_event_type = 'Lock' AS waiting FROM pg_stat_activity "
-            "WHERE application_name = $1", f"tidings-feed-tailer:{self.schema}")
-        waiting = sum(1 for r in rows if r["waiting"])
-        return len(rows) - waiting, waiting
-
-
-@pytest.fixture
-async def pg() -> AsyncIterator[Database]:
-    base = require(POSTGRES_URL)
-    db = Database("tf_" + uuid.uuid4().hex[:12], base)
-    conn = await asyncpg.connect(base)
-    try:
-        await conn.execute(f"CREATE SCHEMA {db.schema}")
-        await conn.execute(f"""CREATE TABLE {db.schema}.orders (
-            id integer GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-            item text NOT NULL, qty integer, note text)""")
-    finally:
-        await conn.close()
-    yield db
-    conn = await asyncpg.connect(base)
-    try:
-        # The servers are gone (the `servers` fixture stops them first); their sessions
-        # end as soon as PostgreSQL notices, which this waits for at most a while.
-        await conn.execute("SET lock_timeout = '20s'")
-        await conn.execute(f"DROP SCHEMA {db.schema} CASCADE")
-    finally:
-        await conn.close()
-
-
-Start = Callable[..., HubProcess]
-
-
-@pytest.fixture
-def servers(pg: Database, hub_factory: type[HubProcess], tmp_path: Path) -> Start:
-    """Starts `tidings serve --db <the schema> --config FILE`. Set up after `pg`, so the
-    servers are killed (hub_factory's teardown) before the schema is dropped."""
-
-    def start(*args: str, config: str | None = CONFIG) -> HubProcess:
-        extra: tuple[str, ...] = ()
-        if config is not None:
-            path = tmp_path / "tidings.toml"
-            path.write_text(config)
-            extra = ("--config", str(path))
-        return hub_factory(*extra, *args, db=pg.url).start()
-
-    return start
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
-async def published_all(pg: Database) -> None:
-    """Wait until the tailer's saved cursor reaches the newest change in the log."""
-    async def caught_up() -> bool:
-        newest = await pg.fetchval("SELECT coalesce(max(seq), 0) FROM tidings_changes")
-        return await pg.state("cursor") >= int(str(newest))
-
-    await eventually(caught_up)
-
-
-# -- REST ----------------------------------------------------------------------------------
-
-
-async def test_crud_round_trip(servers: Start) -> None:
-    server = servers()
-    base = f"{server.url}/api/collections/messages"
+async def test_rolled_back_changes_are_never_published(pg: PostgresDB) -> None:
+    server = pg.start()
     async with httpx.AsyncClient(timeout=10) as client:
-        created = await insert(client, server.url, {"username": "al", "content": "hi", "n": 1})
-        doc = created.json()
-        doc_id = doc["id"]
-        assert created.headers["location"] == f"/api/collections/messages/{doc_id}"
-        assert doc["username"] == "al" and doc["created_at"] == doc["updated_at"]
-        assert doc["created_at"].endswith("Z")
-        first_token = created.headers["tidings-resume-token"]
-
-        got = await client.get(f"{base}/{doc_id}")
-        assert got.status_code == 200 and got.json() == doc
-        assert got.headers["tidings-resume-token"] == first_token
-
-        given = await insert(client, server.url, {"id": "chosen", "username": "b",
-                                                  "content": "c"})
-        assert given.json()["id"] == "chosen"
-        assert seq_of(given.headers["tidings-resume-token"]) == seq_of(first_token) + 1
-        again = await client.post(base, json={"id": "chosen", "username": "b", "content": "c"},
-                                  headers=AUTH)
-        assert again.status_code == 409
-
-        patched = await client.patch(f"{base}/{doc_id}", json={"content": "yo", "n": None,
-                                                               "tags": ["x"]}, headers=AUTH)
-        assert patched.status_code == 200
-        body = patched.json()
-        assert (body["content"], body["tags"], "n" in body) == ("yo", ["x"], False)
-        assert body["created_at"] == doc["created_at"]
-        # A patch that changes nothing makes no change: the token stays where it was.
-        same = await client.patch(f"{base}/{doc_id}", json={"content": "yo"}, headers=AUTH)
-        assert same.json() == body
-        assert same.headers["tidings-resume-token"] == patched.headers["tidings-resume-token"]
-
-        replaced = await client.put(f"{base}/{doc_id}", json={"username": "al", "content": "z",
-                                                              "created_at": "ignored"},
-                                    headers=AUTH)
-        assert replaced.status_code == 200
-        assert {k: v for k, v in replaced.json().items() if k not in (
-            "created_at", "updated_at")} == {"id": doc_id, "username": "al", "content": "z"}
-        assert replaced.json()["created_at"] == doc["created_at"]
-
-        deleted = await client.delete(f"{base}/{doc_id}", headers=AUTH)
-        assert deleted.status_code == 204 and deleted.headers["tidings-resume-token"]
-        assert (await client.get(f"{base}/{doc_id}")).status_code == 404
-        assert (await client.delete(f"{base}/{doc_id}", headers=AUTH)).status_code == 404
-        assert (await client.put(f"{base}/{doc_id}", json={"username": "a", "content": "b"},
-                                 headers=AUTH)).status_code == 404
-        assert (await client.patch(f"{base}/{doc_id}", json={"content": "b"},
-                                   headers=AUTH)).status_code == 404
-        index = (await client.get(f"{server.url}/api/collections")).json()
-        assert {c["name"] for c in index["collections"]} == {"messages", "secret", "orders"}
-        orders = next(c for c in index["collections"] if c["name"] == "orders")
-        assert (orders["kind"], orders["key"], orders["write"]) == ("table", "id", "none")
-
-
-async def test_list_filters_pagination_and_sort(servers: Start, pg: Database) -> None:
-    server = servers()
-    base = f"{server.url}/api/collections/messages"
-    async with httpx.AsyncClient(timeout=10) as client:
-        ids = []
-        for i in range(11):
-            doc = {"username": "al" if i % 2 else "bo", "content": f"m{i}", "n": i % 3,
-                   "meta": {"room": "r1" if i < 5 else "r2"}, "flag": i == 4}
-            ids.append((await insert(client, server.url, doc)).json()["id"])
-
-        listed = await client.get(base)
-        assert listed.status_code == 200
-        page = listed.json()
-        assert [d["id"] for d in page["documents"]] == ids  # created_at order
-        assert page["next_cursor"] is None
-        assert page["resume_token"] == listed.headers["tidings-resume-token"]
-        assert seq_of(page["resume_token"]) == 11
-
-        async def contents(params: dict[str, str]) -> list[str]:
-            response = await client.get(base, params=params)
-            assert response.status_code == 200, response.text
-            return [d["content"] for d in response.json()["documents"]]
-
-        assert await contents({"username": "al"}) == [f"m{i}" for i in range(1, 11, 2)]
-        assert await contents({"n": "2"}) == ["m2", "m5", "m8"]
-        assert await contents({"n": "2.0"}) == ["m2", "m5", "m8"]  # JSON equality
-        assert await contents({"flag": "true"}) == ["m4"]
-        assert await contents({"meta.room": "r1", "username": "bo"}) == ["m0", "m2", "m4"]
-        assert await contents({"missing": "null"}) == [f"m{i}" for i in range(11)]
-        assert await contents({"id": ids[3]}) == ["m3"]
-
-        for sort, expected in (("-created_at", ids[::-1]), ("updated_at", ids),
-                               ("id", sorted(ids)), ("-id", sorted(ids, reverse=True))):
-            seen: list[str] = []
-            params: dict[str, str] = {"limit": "4", "sort": sort}
-            while True:
-                response = await client.get(base, params=params)
-                assert response.status_code == 200, response.text
-                body = response.json()
-                assert len(body["documents"]) <= 4
-                seen += [d["id"] for d in body["documents"]]
-                if body["next_cursor"] is None:
-                    break
-                params = {"limit": "4", "cursor": body["next_cursor"]}
-            assert seen == expected, sort
-
-        for bad in ({"limit": "0"}, {"limit": "x"}, {"cursor": "%%%"}, {"sort": "content"}):
-            response = await client.get(base, params=bad)
-            assert response.status_code == 400, bad
-
-        # A watched table: its key orders and pages; filters are on columns.
-        async with pg.connect() as conn:
-            await conn.executemany("INSERT INTO orders (item, qty) VALUES ($1, $2)",
-                                   [(f"i{n}", n % 2) for n in range(7)])
-        orders = f"{server.url}/api/collections/orders"
-        await published_all(pg)
-        seen_keys: list[int] = []
-        params = {"limit": "3"}
-        while True:
-            body = (await client.get(orders, params=params)).json()
-            seen_keys += [d["id"] for d in body["documents"]]
-            if body["next_cursor"] is None:
-                break
-            params = {"limit": "3", "cursor": body["next_cursor"]}
-        assert seen_keys == list(range(1, 8))
-        odd = (await client.get(orders, params={"qty": "1", "sort": "-id"})).json()
-        assert [d["id"] for d in odd["documents"]] == [6, 4, 2]
-        assert (await client.get(orders, params={"nope": "1"})).status_code == 400
-        assert (await client.get(orders, params={"sort": "item"})).status_code == 400
-
-
-async def test_bad_input(servers: Start) -> None:
-    server = servers("--max-body", "200")
-    base = f"{server.url}/api/collections/messages"
-    async with httpx.AsyncClient(timeout=10) as client:
-        for body in (b"{", b'{"a": NaN}', b"\xff\xfe", b"[1, 2]", b'"text"'):
-            response = await client.post(base, content=body, headers=AUTH)
-            assert response.status_code == 400, body
-
-        invalid = await client.post(base, json={"username": "  ", "other": 1}, headers=AUTH)
-        assert invalid.status_code == 422
-        assert {e["field"] for e in invalid.json()["errors"]} == {"username", "content"}
-        bad_id = await client.post(base, json={"id": 5, "username": "a", "content": "b"},
-                                   headers=AUTH)
-        assert bad_id.status_code == 422 and bad_id.json()["errors"][0]["field"] == "id"
-        # PostgreSQL's jsonb has no NUL character: refused, not a 503.
-        nul = await client.post(base, json={"username": "a", "content": "b\u0000"},
-                                headers=AUTH)
-        assert nul.status_code == 400, nul.text
-
-        doc = (await insert(client, server.url, {"username": "a", "content": "b"})).json()
-        patched = await client.patch(f"{base}/{doc['id']}", json={"content": None},
-                                     headers=AUTH)
-        assert patched.status_code == 422  # the merged document must satisfy the schema
-
-        too_big = await client.post(base, json={"username": "a", "content": "x" * 300},
-                                    headers=AUTH)
-        assert too_big.status_code == 413
-
-        for path in ("/api/collections/nope", "/api/collections/nope/1",
-                     "/api/collections/nope/changes",
-                     "/api/collections/orders/not-a-number"):  # an integer key
-            response = await client.get(server.url + path)
-            assert response.status_code == 404, path
-
-        for resume in ("garbage", "0123abcd.1", "zz.1", '{"_data": 1}'):
-            response = await client.get(f"{base}/changes", params={"resume_after": resume})
-            assert response.status_code == 400, resume
-        current = (await client.get(base)).headers["tidings-resume-token"]
-        future = current.split(".")[0] + ".999"
-        response = await client.get(f"{base}/changes", headers={"Last-Event-ID": future})
-        assert response.status_code == 400 and "has not had" in response.json()["error"]
-
-        table = await client.post(f"{server.url}/api/collections/orders", json={"item": "x"},
-                                  headers=AUTH)
-        assert table.status_code == 405
-
-
-# -- change capture and events ----------------------------------------------------------------
-
-
-async def test_event_shape_per_operation(servers: Start) -> None:
-    server = servers()
-    base = f"{server.url}/api/collections/messages"
-    async with httpx.AsyncClient(timeout=10) as client:
-        async with watch(client, server.url, "messages") as stream:
-            assert stream.response.status_code == 200
-            assert stream.response.headers["content-type"].startswith("text/event-stream")
-            created = await insert(client, server.url, {"id": "m1", "username": "al",
-                                                        "content": "hi", "x": 1})
-            await client.patch(f"{base}/m1", json={"content": "yo", "x": None}, headers=AUTH)
-            await client.put(f"{base}/m1", json={"username": "al", "content": "new"},
-                             headers=AUTH)
-            await client.delete(f"{base}/m1", headers=AUTH)
-            events = await stream.take(4)
-
-    ins, upd, rep, dele = (payload(e) for e in events)
-    tokens = [e.id for e in events]
-    assert tokens[0] == created.headers["tidings-resume-token"]
-    assert [seq_of(t or "") for t in tokens] == [1, 2, 3, 4]
-    for event, data in zip(events, (ins, upd, rep, dele), strict=True):
-        assert data["_id"] == {"_data": event.id}
-        assert data["ns"] == {"db": DB_NAME, "coll": "messages"}
-        assert data["documentKey"] == {"id": "m1"}
-        assert isinstance(data["wallTime"], str) and data["wallTime"].endswith("Z")
-    assert [d["operationType"] for d in (ins, upd, rep, dele)] == [
-        "insert", "update", "replace", "delete"]
-    assert ins["fullDocument"]["content"] == "hi"  # type: ignore[index]
-    assert "updateDescription" not in ins
-    description = upd["updateDescription"]
-    assert description["removedFields"] == ["x"]  # type: ignore[index]
-    assert set(description["updatedFields"]) == {"content", "updated_at"}  # type: ignore[index]
-    assert description["updatedFields"]["content"] == "yo"  # type: ignore[index]
-    assert upd["fullDocument"]["content"] == "yo"  # type: ignore[index]
-    assert rep["fullDocument"]["content"] == "new" and "updateDescription" not in rep  # type: ignore[index]
-    assert "fullDocument" not in dele and "updateDescription" not in dele
-
-
-async def test_external_writer_appears_on_the_stream(servers: Start, pg: Database) -> None:
-    server = servers()
-    async with httpx.AsyncClient(timeout=10) as client:
-        async with (
-            watch(client, server.url, "orders") as stream,
-            open_stream(client, server.url, [("topic", "/collections/orders/1")]) as one,
-            pg.connect() as conn,
-        ):
-            await conn.execute("""
-                INSERT INTO orders (id, item, qty) VALUES (1, 'book', 1);
-                UPDATE orders SET qty = 2, note = 'gift' WHERE id = 1;
-                INSERT INTO orders (id, item, qty) VALUES (2, 'pen', 5);
-                DELETE FROM orders WHERE id = 1;""")
-            events = [payload(e) for e in await stream.take(4, timeout_s=5)]
-            assert [e["operationType"] for e in events] == ["insert", "update", "insert",
-                                                            "delete"]
-            assert events[0]["fullDocument"] == {"id": 1, "item": "book", "qty": 1,
-                                                 "note": None}
-            assert events[0]["documentKey"] == {"id": 1}
-            assert events[0]["ns"] == {"db": DB_NAME, "coll": "orders"}
-            assert events[1]["updateDescription"] == {
-                "updatedFields": {"qty": 2, "note": "gift"}, "removedFields": []}
-            assert events[3]["documentKey"] == {"id": 1} and "fullDocument" not in events[3]
-            per_doc = [payload(e)["operationType"] for e in await one.take(3)]
-            assert per_doc == ["insert", "update", "delete"]
-
-            # One commit at a time: NOTIFY wakes the tailer, no polling interval.
-            for n in range(3):
-                await conn.execute("INSERT INTO orders (id, item, qty) VALUES ($1, 'x', $2)",
-                                   3 + n, n)
-                began = time.monotonic()
-                event = payload(await stream.next(timeout_s=5))
-                assert event["fullDocument"]["qty"] == n  # type: ignore[index]
-                assert time.monotonic() - began < 1.0
-            # A key changed by an UPDATE also goes to the old key's topic.
-            async with open_stream(client, server.url,
-                                   [("topic", "/collections/orders/5")]) as old_key:
-                await conn.execute("UPDATE orders SET id = 50 WHERE id = 5")
-                moved = payload(await old_key.next(timeout_s=5))
-                assert moved["documentKey"] == {"id": 50}
-            assert payload(await stream.next())["documentKey"] == {"id": 50}
-
-        listed = (await client.get(f"{server.url}/api/collections/orders")).json()
-        assert [d["id"] for d in listed["documents"]] == [2, 3, 4, 50]
-        assert (await client.get(f"{server.url}/api/collections/orders/2")).json()[
-            "item"] == "pen"
-
-
-async def test_external_writes_to_a_managed_collection(servers: Start, pg: Database) -> None:
-    server = servers()
-    async with httpx.AsyncClient(timeout=10) as client:
-        async with watch(client, server.url, "messages") as stream:
-            await pg.execute("""
-                INSERT INTO messages (id, doc)
-                VALUES ('e1', '{"username": "sh", "content": "from psql"}');
-                UPDATE messages SET doc = jsonb_set(doc, '{content}', '"edited"'),
-                                    updated_at = now() WHERE id = 'e1';""")
-            ins, upd = (payload(e) for e in await stream.take(2, timeout_s=5))
-            assert ins["operationType"] == "insert"
-            assert ins["fullDocument"]["content"] == "from psql"  # type: ignore[index]
-            assert upd["updateDescription"] == {"updatedFields": {"content": "edited"},
-                                                "removedFields": []}
-        got = await client.get(f"{server.url}/api/collections/messages/e1")
-        assert got.json()["content"] == "edited"
-        assert got.json()["created_at"] == ins["fullDocument"]["created_at"]  # type: ignore[index]
-
-
-async def test_rolled_back_changes_are_never_published(servers: Start, pg: Database) -> None:
-    server = servers()
-    async with httpx.AsyncClient(timeout=10) as client:
-        async with watch(client, server.url, "orders") as stream, pg.connect() as conn:
+        async with watch(client, server.url, "orders") as stream, pg.connection() as conn:
             tx = conn.transaction()
             await tx.start()
             await conn.execute("INSERT INTO orders (id, item) VALUES (1, 'rolled back')")
@@ -471,274 +69,114 @@ async def test_rolled_back_changes_are_never_published(servers: Start, pg: Datab
             events = await stream.take(2)
             assert [payload(e)["documentKey"] for e in events] == [{"id": 2}, {"id": 4}]
             assert await stream.nothing_within(0.3)
-        log_rows = await pg.fetch("SELECT seq, coll FROM tidings_changes ORDER BY seq")
-        # Seqs 1 and 3 went to the rolled-back insert and savepoint (the duplicate failed
-        # before its trigger ran): gaps.
-        assert [(r["seq"], r["coll"]) for r in log_rows] == [
-            (2, "orders"), (4, "orders"), (5, "messages")]
-        assert [seq_of(e.id or "") for e in events] == [2, 4]
+        log_rows = await pg.fetch("SELECT seq, coll FROM tidings_changes ORDER BY txid, seq")
+        if pg.capture == "trigger":
+            # Seqs 1 and 3 went to the rolled-back insert and savepoint (the duplicate
+            # failed before its trigger ran): gaps in the log's seq...
+            assert [(r["seq"], r["coll"]) for r in log_rows] == [
+                (2, "orders"), (4, "orders"), (5, "messages")]
+        else:  # logical decoding: only what committed is in the WAL's decoded changes
+            assert [r["coll"] for r in log_rows] == ["orders", "orders", "messages"]
+        # ...but positions count committed changes only: no gap, so every token names one.
+        assert [seq_of(e.id or "") for e in events] == [1, 2]
 
-        # A token in a gap resumes after the change before it.
         epoch = (events[0].id or "").split(".")[0]
         async with watch(client, server.url, "orders",
-                         [("resume_after", f"{epoch}.3")]) as stream:
-            assert [e.id for e in await stream.take(1)] == [f"{epoch}.4"]
+                         [("resume_after", f"{epoch}.1")]) as stream:
+            assert [e.id for e in await stream.take(1)] == [f"{epoch}.2"]
             assert await stream.nothing_within(0.3)
         async with watch(client, server.url, "orders",
-                         [("resume_after", f"{epoch}.1")]) as stream:
-            assert [e.id for e in await stream.take(2)] == [f"{epoch}.2", f"{epoch}.4"]
-
-
-async def test_writers_serialize_on_the_order_lock(servers: Start, pg: Database) -> None:
-    """The mechanism itself: a second writer of a watched table waits, from its first
-    statement, until the first one commits; so its seq is higher and it commits later.
-    Writers of other tables do not wait."""
-    servers()
-    async with pg.connect() as first, pg.connect() as second, pg.connect() as other:
-        await other.execute("CREATE TABLE plain (id integer PRIMARY KEY)")
-        tx = first.transaction()
-        await tx.start()
-        await first.execute("INSERT INTO orders (id, item) VALUES (1, 'first')")
-        blocked = asyncio.create_task(
-            second.execute("INSERT INTO orders (id, item) VALUES (2, 'second')"))
-
-        async def waiting_on_advisory_lock() -> bool:
-            return bool(await other.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' "
-                "AND NOT granted", second.get_server_pid()))
-
-        await eventually(waiting_on_advisory_lock, timeout_s=5)
-        assert not blocked.done()
-        await other.execute("INSERT INTO plain VALUES (1)")  # not watched: not held up
-        await first.execute("UPDATE orders SET qty = 1 WHERE id = 1")
-        await tx.commit()
-        with anyio.fail_after(5):
-            await blocked
-        rows = await other.fetch("SELECT seq, doc_key FROM tidings_changes ORDER BY seq")
-        assert [json.loads(r["doc_key"]) for r in rows] == [{"id": 1}, {"id": 1}, {"id": 2}]
-
-
-# -- resuming ------------------------------------------------------------------------------
-
-
-async def test_resume_after_a_token_across_a_restart(servers: Start, pg: Database) -> None:
-    server = servers()
-    async with httpx.AsyncClient(timeout=10) as client:
-        tokens = [(await insert(client, server.url, {"username": "a", "content": str(i)}))
-                  .headers["tidings-resume-token"] for i in range(3)]
-        await published_all(pg)
-    assert server.stop() == 0
-    # Changes made while Tidings is down are captured by the triggers all the same.
-    await pg.execute("""
-        INSERT INTO messages (id, doc) VALUES ('d1', '{"username": "x", "content": "down 1"}');
-        INSERT INTO messages (id, doc) VALUES ('d2', '{"username": "x", "content": "down 2"}');""")
-
-    again = servers()
-    async with httpx.AsyncClient(timeout=10) as client:
-        for headers, params in (({}, [("resume_after", tokens[0])]),
-                                ({"Last-Event-ID": tokens[0]}, []),
-                                ({}, [("resume_after", json.dumps({"_data": tokens[0]}))])):
-            async with watch(client, again.url, "messages", params, headers) as stream:
-                assert stream.response.status_code == 200
-                events = await stream.take(4)
-                assert [seq_of(e.id or "") for e in events] == [2, 3, 4, 5]
-                assert [payload(e)["fullDocument"]["content"]  # type: ignore[index]
-                        for e in events] == ["1", "2", "down 1", "down 2"]
-                assert await stream.nothing_within(0.3)
-        # From the newest token: live only, then exactly the next change.
-        async with watch(client, again.url, "messages",
-                         [("resume_after", events[-1].id or "")]) as stream:
-            created = await insert(client, again.url, {"username": "a", "content": "live"})
-            event = await stream.next()
-            assert event.id == created.headers["tidings-resume-token"]
-            assert await stream.nothing_within(0.3)
-
-
-async def test_republish_after_a_crash_is_stored_once(servers: Start, pg: Database) -> None:
-    server = servers()
-    async with httpx.AsyncClient(timeout=10) as client:
-        for i in range(5):
-            await insert(client, server.url, {"username": "a", "content": str(i)})
-    await published_all(pg)
-    server.stop(signal.SIGKILL)
-    # As if the process died after publishing changes 3..5 but before saving its cursor.
-    await pg.execute("UPDATE tidings_feed_state SET value = '2' WHERE name = 'cursor'")
-    epoch = str(await pg.fetchval("SELECT value FROM tidings_feed_state WHERE name = 'epoch'"))
-
-    again = servers()
-    await eventually(lambda: pg.state_at_least("cursor", 5))
-    stored = await pg.fetch("SELECT id, count(*) AS n FROM tidings_updates GROUP BY id")
-    assert sorted((r["id"], r["n"]) for r in stored) == [(f"{epoch}.{n}", 1) for n in range(1, 6)]
-    async with httpx.AsyncClient(timeout=10) as client:
-        async with watch(client, again.url, "messages",
                          [("resume_after", f"{epoch}.0")]) as stream:
-            events = await stream.take(5)
-            assert [seq_of(e.id or "") for e in events] == [1, 2, 3, 4, 5]
-            assert await stream.nothing_within(0.3)
+            assert [e.id for e in await stream.take(2)] == [f"{epoch}.1", f"{epoch}.2"]
 
 
-async def test_a_token_older_than_the_log_gets_an_error_event(servers: Start,
-                                                              pg: Database) -> None:
-    server = servers("--changes-size", "3")
-    async with httpx.AsyncClient(timeout=10) as client:
-        first = (await insert(client, server.url, {"username": "a", "content": "0"})).headers[
-            "tidings-resume-token"]
-        deadline = time.monotonic() + 15
-        while await pg.state("pruned_through") < 2:  # pruning runs at most once a second
-            assert time.monotonic() < deadline, "the change log was never pruned"
-            await insert(client, server.url, {"username": "a", "content": "more"})
-            await asyncio.sleep(0.2)
-        async with watch(client, server.url, "messages",
-                         [("resume_after", first)]) as stream:
-            assert stream.response.status_code == 200
-            event = await stream.next()
-            assert event.event == "error"
-            error = payload(event)
-            assert error["code"] == "resume_token_too_old" and "snapshot" in str(error["error"])
-            with pytest.raises(StopAsyncIteration):
-                await stream.next()  # the stream ends: no silence, no live tail
-        # A fresh snapshot's token still resumes.
-        snapshot = (await client.get(f"{server.url}/api/collections/messages")).json()
-        async with watch(client, server.url, "messages",
-                         [("resume_after", snapshot["resume_token"])]) as stream:
-            created = await insert(client, server.url, {"username": "a", "content": "new"})
-            assert (await stream.next()).id == created.headers["tidings-resume-token"]
+class Arrivals:
+    """Every event of a stream, with the time (monotonic) it arrived, read in a task of
+    its own so that arrival times do not wait for the test's other awaits."""
+
+    def __init__(self, stream: SSEStream) -> None:
+        self.events: list[tuple[Event, float]] = []
+        self._stream = stream
+        self._changed = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            event = await self._stream.next(timeout_s=3600)
+            self.events.append((event, time.monotonic()))
+            self._changed.set()
+
+    async def wait_for(self, count: int, timeout_s: float = 10.0) -> None:
+        with anyio.fail_after(timeout_s):
+            while len(self.events) < count:
+                self._changed.clear()
+                await self._changed.wait()
 
 
-async def test_a_token_older_than_the_hub_history_gets_an_error_event(
-        servers: Start, pg: Database) -> None:
-    server = servers("--history-size", "10")
-    async with httpx.AsyncClient(timeout=10) as client:
-        first = (await insert(client, server.url, {"username": "a", "content": "0"})).headers[
-            "tidings-resume-token"]
-        # The PostgreSQL transport prunes its history every 256 appends.
-        async with pg.connect() as conn:
-            await conn.executemany("INSERT INTO orders (item, qty) VALUES ('bulk', $1)",
-                                   [(n,) for n in range(300)])
-        await published_all(pg)
-        async with watch(client, server.url, "messages", [("resume_after", first)]) as stream:
-            event = await stream.next()
-            assert event.event == "error" and "history" in str(payload(event)["error"])
+async def test_an_open_transaction_holds_back_only_itself(pg: PostgresDB) -> None:
+    """One transaction writes to a watched table and stays open 5 s: meanwhile the other
+    writers' changes reach a subscriber within 100 ms of their COMMIT each, and the open
+    one's arrives once, after its own COMMIT. (The previous version's order lock held
+    every other writer of a watched table until the open one ended.)"""
+    server = pg.start()
+    async with (
+        httpx.AsyncClient(timeout=10) as client,
+        watch(client, server.url, "orders") as stream,
+        pg.connection() as slow,
+        pg.connection() as fast,
+    ):
+        assert stream.response.status_code == 200
+        arrivals = Arrivals(stream)
+        async with anyio.create_task_group() as group:
+            group.start_soon(arrivals.run)
+            tx = slow.transaction()
+            await tx.start()
+            await slow.execute("INSERT INTO orders (id, item) VALUES (1000, 'open')")
+            opened = time.monotonic()
+            committed: list[float] = []
+            n = 0
+            while time.monotonic() - opened < 5.0:
+                n += 1
+                await fast.execute("INSERT INTO orders (id, item) VALUES ($1, 'quick')", n)
+                committed.append(time.monotonic())
+                await arrivals.wait_for(n)
+                await asyncio.sleep(0.05)
+            await tx.commit()
+            closed = time.monotonic()
+            await arrivals.wait_for(n + 1)
+            await asyncio.sleep(0.5)  # nothing more may come: not twice, nothing else
+            group.cancel_scope.cancel()
+
+    keys = [payload(e)["documentKey"]["id"] for e, _ in arrivals.events]  # type: ignore[index]
+    assert keys == [*range(1, n + 1), 1000]  # each once, the open one last
+    delays = [arrived - sent for (_, arrived), sent in zip(arrivals.events, committed,
+                                                           strict=False)]
+    assert n > 20 and max(delays) < 0.1, f"commit-to-subscriber delays: {sorted(delays)[-5:]}"
+    assert arrivals.events[-1][1] > closed
 
 
-async def test_snapshot_then_live_with_racing_writes(servers: Start, pg: Database) -> None:
-    server = servers()
-    total = 160
-    async with httpx.AsyncClient(timeout=10) as client:
-        halfway = asyncio.Event()
-
-        async def writer() -> None:
-            async with pg.connect() as conn:
-                for n in range(total):
-                    if n % 2:
-                        await insert(client, server.url, {"id": f"d{n}", "username": "w",
-                                                          "content": str(n)})
-                    else:  # another writer on the same database, racing the API
-                        await conn.execute(
-                            "INSERT INTO messages (id, doc) VALUES ($1, $2::jsonb)",
-                            f"d{n}", json.dumps({"username": "w", "content": str(n)}))
-                    if n == total // 3:
-                        halfway.set()
-
-        task = asyncio.create_task(writer())
-        await halfway.wait()
-        snapshot = (await client.get(f"{server.url}/api/collections/messages",
-                                     params={"limit": "1000"})).json()
-        loaded = {d["id"] for d in snapshot["documents"]}
-        assert 0 < len(loaded) < total
-        streamed: list[str] = []
-        tokens: list[int] = []
-        async with watch(client, server.url, "messages",
-                         [("resume_after", snapshot["resume_token"])]) as stream:
-            while len(loaded) + len(streamed) < total:
-                event = await stream.next(timeout_s=10)
-                tokens.append(seq_of(event.id or ""))
-                streamed.append(str(payload(event)["documentKey"]["id"]))  # type: ignore[index]
-            await task
-            assert await stream.nothing_within(0.3)
-    assert not loaded & set(streamed), "a change in the snapshot was streamed again"
-    assert len(streamed) == len(set(streamed))
-    assert loaded | set(streamed) == {f"d{n}" for n in range(total)}
-    assert tokens == sorted(tokens) and tokens[0] == seq_of(snapshot["resume_token"]) + 1
-
-
-# -- retention, tables, processes ----------------------------------------------------------
-
-
-async def test_retention_prunes_without_breaking_live_streams(servers: Start,
-                                                              pg: Database) -> None:
-    server = servers("--changes-size", "5")
-    async with httpx.AsyncClient(timeout=10) as client:
-        async with watch(client, server.url, "messages") as stream:
-            tokens = []
-            for n in range(30):
-                created = await insert(client, server.url, {"username": "a", "content": str(n)})
-                tokens.append(created.headers["tidings-resume-token"])
-                if n in (10, 20):
-                    await asyncio.sleep(1.1)  # let a prune run mid-stream
-            events = await stream.take(30)
-            assert [e.id for e in events] == tokens
-        await eventually(lambda: pg.state_at_least("pruned_through", 10))
-        kept = await pg.fetch("SELECT min(seq) AS low, count(*) AS n FROM tidings_changes")
-        assert kept[0]["low"] > 1 and kept[0]["n"] < 30
-        # A token still in the log resumes exactly.
-        async with watch(client, server.url, "messages",
-                         [("resume_after", tokens[-2])]) as stream:
-            assert (await stream.next()).id == tokens[-1]
-
-
-async def test_tidings_watch_command(servers: Start, pg: Database) -> None:
+async def test_watch_needs_a_table_with_a_key(pg: PostgresDB) -> None:
     await pg.execute("CREATE TABLE pairs (a text, b text, PRIMARY KEY (a, b));"
                      "CREATE VIEW recent AS SELECT * FROM orders")
-
-    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "tidings", "watch", *args, "--db", pg.url],
-            capture_output=True, text=True, timeout=30)
-
-    done = await cli("orders", "--read", "public")
-    assert done.returncode == 0, done.stderr
-    assert "watching orders (key id, public)" in done.stdout
-    refused = await cli("pairs")
+    refused = await pg.watch_command("pairs")
     assert refused.returncode != 0 and "no single-column primary key" in refused.stderr
-    keyed = await cli("pairs", "--key", "a", "--read", "public")
+    keyed = await pg.watch_command("pairs", "--key", "a", "--read", "public")
     assert keyed.returncode == 0 and "key a" in keyed.stdout
-    missing = await cli("nope")
-    assert missing.returncode != 0 and "no table 'nope'" in missing.stderr
-    view = await cli("recent")
+    view = await pg.watch_command("recent")
     assert view.returncode != 0 and "is a view" in view.stderr
 
-    server = servers(config=None)  # no --config: the watched tables are in the database
+    server = pg.start(config=None)  # no --config: the watched table is in the database
     async with httpx.AsyncClient(timeout=10) as client:
-        async with watch(client, server.url, "orders") as stream:
-            await pg.execute("INSERT INTO orders (item) VALUES ('from psql')")
-            event = payload(await stream.next(timeout_s=5))
-            assert event["fullDocument"]["item"] == "from psql"  # type: ignore[index]
         async with watch(client, server.url, "pairs") as stream:
             await pg.execute("INSERT INTO pairs VALUES ('x', 'y')")
             assert payload(await stream.next(timeout_s=5))["documentKey"] == {"a": "x"}
 
-        # Watched while the server runs: picked up at its first change.
-        await pg.execute("CREATE TABLE later (id bigint PRIMARY KEY, v text)")
-        assert (await cli("later", "--read", "public")).returncode == 0
-        async with open_stream(client, server.url, [("topic", "/collections/later")]) as later:
-            await pg.execute("INSERT INTO later VALUES (1, 'x')")
-            assert payload(await later.next(timeout_s=5))["fullDocument"] == {"id": 1, "v": "x"}
 
-    stopped = await cli("orders", "--stop")
-    assert stopped.returncode == 0, stopped.stderr
-    assert (await cli("orders", "--stop")).returncode != 0  # not watched any more
-    before = await pg.fetchval("SELECT max(seq) FROM tidings_changes")
-    await pg.execute("INSERT INTO orders (item) VALUES ('unwatched')")
-    assert await pg.fetchval("SELECT max(seq) FROM tidings_changes") == before
-
-
-async def test_one_tailer_among_servers_and_failover(servers: Start, pg: Database) -> None:
+async def test_one_tailer_among_servers_and_failover(pg: PostgresDB) -> None:
     """Two servers on one schema: one tails (a session-level advisory lock), the other
     stands by, serves reads and resumes watches, and takes over when the first dies."""
-    first = servers()
+    first = pg.start()
     await eventually(lambda: _sessions_are(pg, (1, 0)))
-    second = servers()
+    second = pg.start()
     await eventually(lambda: _sessions_are(pg, (1, 1)))
     async with httpx.AsyncClient(timeout=10) as client:
         token = (await insert(client, second.url, {"username": "a", "content": "0"})).headers[
@@ -758,70 +196,58 @@ async def test_one_tailer_among_servers_and_failover(servers: Start, pg: Databas
     assert len(stored) == 3 and all(r["n"] == 1 for r in stored)
 
 
-async def _sessions_are(pg: Database, expected: tuple[int, int]) -> bool:
+async def _sessions_are(pg: PostgresDB, expected: tuple[int, int]) -> bool:
     return await pg.tailer_sessions() == expected
 
 
-async def test_configuration_errors_stop_serve(pg: Database, tmp_path: Path) -> None:
-    config = tmp_path / "bad.toml"
-    config.write_text('[tables.missing]\nkey = "id"\n')
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "tidings", "serve", "--port", "0", "--jwt-key", KEY,
-         "--db", pg.url, "--config", str(config)],
-        capture_output=True, text=True, timeout=30, cwd=tmp_path)
-    assert done.returncode != 0
-    assert "no table 'missing'" in done.stderr
-
-
-# -- the hard one: many writers, exactly once, in commit order -----------------------------
+# -- the hard one: many writers, out of txid order, exactly once, in order ------------------
 
 
 @dataclass
 class Transaction:
     label: str
     changes: list[tuple[str, str, str]] = field(default_factory=list)  # (coll, key, op)
-    ticket: int = 0  # commit order (see the test)
+    txid: int = 0
+    began: float = 0.0  # monotonic, before BEGIN was sent
+    committing: float = 0.0  # before COMMIT was sent
+    committed_at: float = 0.0  # after COMMIT returned
     committed: bool = False
 
 
-async def test_concurrent_writers_exactly_once_in_commit_order(servers: Start,
-                                                               pg: Database) -> None:
+async def test_concurrent_writers_exactly_once_in_order(pg: PostgresDB) -> None:
     """20 connections, 300 transactions of 1 to 4 inserts and updates on a watched table
-    and a managed collection, one in five rolled back, some with a rolled-back savepoint,
-    random sleeps inside so that commits interleave. A subscriber of both collections
-    must see every committed change exactly once, in commit order, and nothing else.
+    and a managed collection, about one in ten rolled back, some with a rolled-back
+    savepoint, random sleeps inside so that commits interleave and often come out of
+    transaction-id order (the previous version's order lock made that impossible).
 
-    Commit order is witnessed by a ticket: each transaction's last statement before
-    COMMIT increments one counter row, whose row lock serializes that last step, so the
-    tickets are in commit order whatever the feed does. Without the feed's order lock a
-    transaction that took a seq and then slept would commit after one with a higher seq:
-    the tailer skips it (missing changes) and the order differs from the tickets."""
+    A subscriber of both collections must see every committed change exactly once and
+    nothing else, each transaction's changes together and in statement order, and a
+    transaction whose COMMIT returned before another began ahead of it. Positions are
+    1..N without a gap."""
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
-    await pg.execute("""
-        CREATE TABLE items (id text PRIMARY KEY, last_tx text NOT NULL, v integer NOT NULL);
-        CREATE TABLE tickets (n bigint NOT NULL);
-        INSERT INTO tickets VALUES (0);""")
-    config = CONFIG + '''
+    await pg.execute("CREATE TABLE items (id text PRIMARY KEY, last_tx text NOT NULL, "
+                     "v integer NOT NULL)")
+    config = CONFIG_POSTGRES + '''
 [collections.notes]
 read = "public"
 
 [tables.items]
 read = "public"
 '''
-    server = servers("--subscriber-buffer", "10000", config=config)
+    server = pg.start("--subscriber-buffer", "10000", config=config)
     writers, per_writer = 20, 15
     transactions: list[Transaction] = []
 
     async def writer(w: int) -> None:
         existing: dict[str, list[str]] = {"items": [], "notes": []}  # committed keys
-        async with pg.connect() as conn:
+        async with pg.connection() as conn:
             for t in range(per_writer):
                 tx = Transaction(f"w{w}t{t}")
                 transactions.append(tx)
                 created: dict[str, list[str]] = {"items": [], "notes": []}
                 transaction = conn.transaction()
+                tx.began = time.monotonic()
                 await transaction.start()
                 for n in range(rng.randint(1, 4)):
                     coll = rng.choice(("items", "notes"))
@@ -848,20 +274,24 @@ read = "public"
                                 "($1, jsonb_build_object('last_tx', $2::text))", key, tx.label)
                         created[coll].append(key)
                         tx.changes.append((coll, key, "insert"))
+                    if n == 0:
+                        tx.txid = int(await conn.fetchval("SELECT pg_current_xact_id()"))
                     await asyncio.sleep(rng.uniform(0, 0.004))
                 if rng.random() < 0.15:
-                    # A savepoint rolled back: its first insert took a seq, then vanished.
+                    # A savepoint rolled back: its first insert was logged, then vanished.
                     with contextlib.suppress(asyncpg.UniqueViolationError):
                         async with conn.transaction():
                             for _ in range(2):
                                 await conn.execute("INSERT INTO items VALUES ($1, 'doomed', 0)",
                                                    f"{tx.label}sp")
                                 await asyncio.sleep(rng.uniform(0, 0.002))
-                if rng.random() < 0.2:
+                await asyncio.sleep(rng.uniform(0, 0.004))
+                if rng.random() < 0.1:
                     await transaction.rollback()
                     continue
-                tx.ticket = int(await conn.fetchval("UPDATE tickets SET n = n + 1 RETURNING n"))
+                tx.committing = time.monotonic()
                 await transaction.commit()
+                tx.committed_at = time.monotonic()
                 tx.committed = True
                 for coll, keys in created.items():
                     existing[coll] += keys
@@ -876,39 +306,337 @@ read = "public"
                 for w in range(writers):
                     group.start_soon(writer, w)
             elapsed = time.monotonic() - began
-            await published_all(pg)
+            await pg.published_all()
             with contextlib.suppress(TimeoutError):  # until a second passes with nothing
                 while True:
                     received.append(await stream.next(timeout_s=1.0))
 
-    committed = sorted((tx for tx in transactions if tx.committed), key=lambda tx: tx.ticket)
+    committed = [tx for tx in transactions if tx.committed]
     rolled_back = {tx.label for tx in transactions if not tx.committed}
     context = f"(seed {seed}, {len(transactions)} transactions in {elapsed:.1f} s)"
-    assert len(committed) > 150 and rolled_back, context
+    assert len(committed) > 200 and rolled_back, context
+    # Commits out of transaction-id order: one with a higher id had committed before one
+    # with a lower id started to commit.
+    by_txid = sorted(committed, key=lambda tx: tx.txid)
+    assert any(later.committed_at < earlier.committing
+               for i, earlier in enumerate(by_txid) for later in by_txid[i + 1:]), (
+        f"every commit came in transaction-id order: nothing was tested {context}")
 
-    events = [payload(e) for e in received]
     seqs = [seq_of(e.id or "") for e in received]
-    assert len(seqs) == len(set(seqs)), f"a change was delivered twice {context}"
-    assert seqs == sorted(seqs), f"changes out of seq order {context}"
+    assert seqs == list(range(1, len(seqs) + 1)), f"positions are not 1..N {context}"
 
     def label(event: dict[str, object]) -> str:
         return str(event["fullDocument"]["last_tx"])  # type: ignore[index]
 
+    events = [payload(e) for e in received]
     seen = [(label(e), str(e["ns"]["coll"]), str(e["documentKey"]["id"]),  # type: ignore[index]
              str(e["operationType"])) for e in events]
     assert not {s[0] for s in seen} & (rolled_back | {"doomed"}), (
         f"a rolled-back change was published {context}")
 
-    # Exactly what the writers committed, transaction by transaction, in commit order.
-    expected = [(tx.label, coll, key, op) for tx in committed for coll, key, op in tx.changes]
-    missing = set(expected) - set(seen)
+    # Exactly what each transaction committed, together and in statement order, the
+    # transactions in the order they first appear.
+    labels = {tx.label: tx for tx in committed}
+    order = list(dict.fromkeys(s[0] for s in seen))
+    expected = [(tx, coll, key, op) for tx in order for coll, key, op in labels[tx].changes]
+    missing = {(tx.label, *c) for tx in committed for c in tx.changes} - set(seen)
     assert not missing, (
-        f"{len(missing)} of {len(expected)} committed changes never arrived {context}")
-    assert seen == expected, f"the stream's order is not the commit order {context}"
+        f"{len(missing)} of {len(seen) + len(missing)} committed changes never arrived "
+        f"{context}")
+    assert seen == expected, f"a transaction's changes are split or reordered {context}"
 
-    # Exactly the change log, in its order.
-    log_rows = await pg.fetch("SELECT seq, coll, doc_key->>'id' AS key, op "
-                              "FROM tidings_changes ORDER BY seq")
-    assert [(r["seq"], r["coll"], r["key"], r["op"]) for r in log_rows] == [
-        (seq, coll, key, op) for seq, (_, coll, key, op) in zip(seqs, seen, strict=True)
-    ], f"the stream is not the change log {context}"
+    # A transaction that committed before another began comes first.
+    place = {name: i for i, name in enumerate(order)}
+    for first in committed:
+        for second in committed:
+            if first.committed_at < second.began:
+                assert place[first.label] < place[second.label], (
+                    f"{first.label} committed before {second.label} began, yet came "
+                    f"after it {context}")
+
+
+async def test_a_large_transaction_open_across_ticks(pg: PostgresDB) -> None:
+    """A transaction of 3000 changes, open while others commit (and ticks are taken):
+    one batch, read in pages of 500 on the index, contiguous, each change once; and a
+    tailer restarted in the middle of that batch (its cursor saved there) republishes the
+    rest with the same positions, stored once."""
+    server = pg.start()
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with watch(client, server.url, "orders") as stream, pg.connection() as bulk:
+            tx = bulk.transaction()
+            await tx.start()
+            await bulk.execute("INSERT INTO orders (id, item) "
+                               "SELECT g, 'bulk' FROM generate_series(1, 3000) g")
+            for n in range(3):  # committed while the bulk one is open: published first
+                await pg.execute("INSERT INTO orders (id, item) VALUES ($1, 'other')",
+                                 10_000 + n)
+                assert payload(await stream.next())["documentKey"] == {"id": 10_000 + n}
+            await tx.commit()
+            events = await stream.take(3000, timeout_s=30)
+    assert [payload(e)["documentKey"]["id"] for e in events] == list(range(1, 3001))  # type: ignore[index]
+    assert [seq_of(e.id or "") for e in events] == list(range(4, 3004))
+    await pg.published_all()
+    assert server.stop() == 0
+
+    await pg.execute("UPDATE tidings_feed_state SET value = '1234' WHERE name = 'cursor'")
+    pg.start()
+    await pg.published_all()
+    stored = await pg.fetch("SELECT id, count(*) AS n FROM tidings_updates GROUP BY id "
+                            "ORDER BY min(seq)")
+    assert [seq_of(r["id"]) for r in stored] == list(range(1, 3004))
+    assert all(r["n"] == 1 for r in stored)
+
+
+# -- TRUNCATE, waking, what operators see --------------------------------------------------
+
+
+async def test_truncate_is_one_event(pg: PostgresDB) -> None:
+    """TRUNCATE fires no row trigger: it is one `truncate` event on the collection's topic,
+    with no documentKey, that a filtered watch receives too (every document went)."""
+    server = pg.start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with (
+            watch(client, server.url, "orders") as every,
+            watch(client, server.url, "orders", [("item", "nothing like it")]) as filtered,
+            open_stream(client, server.url, [("topic", "/collections/orders/1")]) as one,
+        ):
+            await pg.execute("INSERT INTO orders (id, item) VALUES (1, 'a'), (2, 'b')")
+            await pg.execute("TRUNCATE orders")
+            inserted = [payload(e) for e in await every.take(2)]
+            assert [e["documentKey"] for e in inserted] == [{"id": 1}, {"id": 2}]
+            event = await every.next()
+            data = payload(event)
+            assert data == {"_id": {"_data": event.id}, "operationType": "truncate",
+                            "ns": {"db": pg.db_name, "coll": "orders"},
+                            "wallTime": data["wallTime"]}
+            assert payload(await filtered.next())["operationType"] == "truncate"
+            # A document's topic gets that document's changes only.
+            assert payload(await one.next())["documentKey"] == {"id": 1}
+            assert await one.nothing_within(0.3)
+        async with watch(client, server.url, "messages") as managed:
+            await pg.execute("INSERT INTO messages (id, doc) VALUES ('m', '{}')")
+            await pg.execute("TRUNCATE messages")
+            assert [payload(e)["operationType"] for e in await managed.take(2)] == [
+                "insert", "truncate"]
+
+
+async def test_a_sleeping_tailer_is_woken_by_the_next_writer(pg_trigger: PostgresDB) -> None:
+    """With nothing to do the tailer sleeps (it holds the idle key; no polling), and the
+    first writer that finds it asleep NOTIFYs: its change arrives long before the
+    tailer's own 5 s look. (Logical decoding has no trigger: its tailer watches the WAL's
+    position instead, `test_an_idle_logical_tailer_notices_a_commit`.)"""
+    pg = pg_trigger
+    server = pg.start()
+    tailer = f"tidings-feed-tailer:{pg.schema}"
+
+    async def asleep() -> bool:  # the tailer's session holds two advisory locks
+        return await pg.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+            "WHERE a.application_name = $1 AND l.locktype = 'advisory' AND l.granted",
+            tailer) == 2
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with watch(client, server.url, "orders") as stream:
+            for n in range(3):
+                await eventually(asleep, timeout_s=10)
+                await pg.execute("INSERT INTO orders (id, item) VALUES ($1, 'wake')", n)
+                sent = time.monotonic()
+                assert payload(await stream.next(timeout_s=2))["documentKey"] == {"id": n}
+                assert time.monotonic() - sent < 1.0
+
+
+async def test_watch_and_metrics_say_how_changes_are_captured(pg: PostgresDB) -> None:
+    done = await pg.watch_command("orders")
+    assert done.returncode == 0, done.stderr
+    # A new log is written by triggers until a server chooses (--pg-capture).
+    assert "capture: snapshot-ordered log" in done.stdout
+    capture = {"trigger": "snapshot-ordered log", "logical": "logical decoding"}[pg.capture]
+    server = pg.start()
+    again = await pg.watch_command("orders")
+    assert f"capture: {capture}" in again.stdout
+    async with httpx.AsyncClient(timeout=10) as client:
+        await insert(client, server.url, {"username": "a", "content": "b"})
+        await pg.published_all()
+
+        async def metrics() -> dict[str, str]:
+            text = (await client.get(f"{server.url}/metrics")).text
+            return dict(line.rsplit(" ", 1) for line in text.splitlines()
+                        if line and not line.startswith("#"))
+
+        found = await metrics()
+        info = f'tidings_feed_info{{backend="postgresql",capture="{capture}"}}'
+        assert found[info] == "1"
+        assert found["tidings_feed_leading"] == "1"
+        assert int(found["tidings_feed_published_position"]) == 1
+        assert float(found["tidings_feed_lag_seconds"]) == 0.0
+        # Logical decoding: how much WAL the slot keeps (bounded by max_slot_wal_keep_size).
+        assert ("tidings_feed_slot_lag_bytes" in found) == (pg.capture == "logical")
+        if pg.capture == "logical":
+            assert 0 <= int(found["tidings_feed_slot_lag_bytes"]) < 1 << 30
+
+
+# -- a change log the previous version made ------------------------------------------------
+
+# What the previous version created for a watched table `orders` (its order lock: a
+# statement trigger and the row trigger take one advisory lock; seq is the position).
+PREVIOUS_VERSION = """
+CREATE TABLE tidings_changes (
+    seq bigint PRIMARY KEY, coll text NOT NULL, op text NOT NULL, doc_key jsonb NOT NULL,
+    old_doc jsonb, new_doc jsonb, wall_time timestamptz NOT NULL);
+CREATE SEQUENCE tidings_changes_seq AS bigint;
+CREATE TABLE tidings_feed_state (name text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE tidings_watched (name text PRIMARY KEY, key text NOT NULL, read text NOT NULL);
+INSERT INTO tidings_feed_state VALUES ('epoch', 'abcd0123'), ('cursor', '0'),
+    ('pruned_through', '0');
+INSERT INTO tidings_watched VALUES ('orders', 'id', 'public');
+CREATE FUNCTION {schema}.tidings_lock() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_advisory_xact_lock(42); RETURN NULL; END $$;
+CREATE FUNCTION {schema}.tidings_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE new_doc jsonb; old_doc jsonb;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN old_doc := to_jsonb(OLD); END IF;
+    IF TG_OP <> 'DELETE' THEN new_doc := to_jsonb(NEW); END IF;
+    PERFORM pg_advisory_xact_lock(42);
+    INSERT INTO {schema}.tidings_changes (seq, coll, op, doc_key, old_doc, new_doc, wall_time)
+    VALUES (nextval('{schema}.tidings_changes_seq'), TG_ARGV[0], lower(TG_OP),
+            jsonb_build_object(TG_ARGV[1], coalesce(new_doc, old_doc) -> TG_ARGV[1]),
+            old_doc, new_doc, clock_timestamp());
+    RETURN NULL;
+END $$;
+CREATE TRIGGER tidings_lock BEFORE INSERT OR UPDATE OR DELETE ON orders
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.tidings_lock();
+CREATE TRIGGER tidings_capture AFTER INSERT OR UPDATE OR DELETE ON orders
+    FOR EACH ROW EXECUTE FUNCTION {schema}.tidings_capture('orders', 'id', 'table');
+"""
+
+
+async def test_a_log_of_the_previous_version_is_upgraded_in_place(
+        pg_trigger: PostgresDB) -> None:
+    """The previous version's log (seq order = commit order, under its order lock) keeps
+    its positions: its unpublished changes are published with their seq, tokens into it
+    (a gap included) resume, new changes follow it; the order lock is gone."""
+    pg = pg_trigger
+    await pg.execute(PREVIOUS_VERSION.format(schema=pg.schema))
+    async with pg.connection() as conn:
+        await conn.execute("INSERT INTO orders (id, item) VALUES (1, 'old 1')")
+        await conn.execute("INSERT INTO orders (id, item) VALUES (2, 'old 2')")
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("INSERT INTO orders (id, item) VALUES (3, 'x')")  # seq 3...
+        await tx.rollback()  # ...rolled back: a gap
+        await conn.execute("UPDATE orders SET qty = 5 WHERE id = 2")  # seq 4
+    server = pg.start(config=None)
+    triggers = await pg.fetch("SELECT tgname FROM pg_trigger WHERE tgrelid = 'orders'::regclass "
+                              "ORDER BY tgname")
+    assert [r["tgname"] for r in triggers] == ["tidings_capture", "tidings_truncate"]
+    assert await pg.fetchval("SELECT to_regproc('tidings_lock')") is None
+    async with httpx.AsyncClient(timeout=10) as client:
+        await pg.execute("INSERT INTO orders (id, item) VALUES (10, 'new')")
+        for token, expected in (("abcd0123.0", [1, 2, 4, 5]), ("abcd0123.2", [4, 5]),
+                                ("abcd0123.3", [4, 5])):
+            async with watch(client, server.url, "orders", [("resume_after", token)]) as stream:
+                assert stream.response.status_code == 200, token
+                events = await stream.take(len(expected))
+                assert [seq_of(e.id or "") for e in events] == expected, token
+                assert await stream.nothing_within(0.3)
+        assert payload(events[-1])["documentKey"] == {"id": 10}
+        listed = await client.get(f"{server.url}/api/collections/orders")
+        assert listed.json()["resume_token"] == "abcd0123.5"
+
+
+# -- a restart of the PostgreSQL server ------------------------------------------------------
+
+
+def _restart_command() -> list[str]:
+    """`pg_ctlcluster VERSION main restart` (TIDINGS_TEST_PG_CLUSTER="VERSION NAME" to
+    choose): it really stops the server process. Skips (fails under CI=true) where it
+    cannot run: not root, or no pg_ctlcluster."""
+    cluster = os.environ.get("TIDINGS_TEST_PG_CLUSTER", "").split()
+    if not cluster and os.path.isdir("/etc/postgresql"):
+        versions = sorted(os.listdir("/etc/postgresql"))
+        cluster = [versions[-1], "main"] if versions else []
+    reason = ("restarting PostgreSQL needs root" if os.geteuid() != 0
+              else "no pg_ctlcluster" if shutil.which("pg_ctlcluster") is None
+              else "no PostgreSQL cluster in /etc/postgresql" if len(cluster) != 2 else "")
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", *cluster, "restart"]
+
+
+async def test_a_postgresql_restart_loses_and_repeats_nothing(pg: PostgresDB) -> None:
+    """The server process really stops and starts while writers commit and a subscriber
+    streams: Tidings reconnects by itself (the tailer, the hub's history) and every change
+    that committed arrives exactly once, in order. A writer whose COMMIT was cut off does
+    not know whether it committed: the table says (the changes are its rows).
+
+    Restarts the test server: run it alone (`flock /tmp/pg-restart.lock pytest -k
+    restart ...`), other tests fail while it is down."""
+    command = _restart_command()
+    server = pg.start()
+    stop_writing = asyncio.Event()
+    counter = iter(range(1, 1_000_000))
+
+    async def writer() -> None:
+        while not stop_writing.is_set():
+            try:
+                async with pg.connection() as conn:
+                    while not stop_writing.is_set():
+                        async with conn.transaction():
+                            for _ in range(random.randint(1, 3)):
+                                await conn.execute(
+                                    "INSERT INTO orders (id, item) VALUES ($1, 'r')",
+                                    next(counter))
+                        await asyncio.sleep(0.01)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.exceptions.InternalClientError):
+                await asyncio.sleep(0.1)  # the server is going or gone: try again
+
+    received: list[Event] = []
+    live = asyncio.Event()
+
+    async def subscriber(client: httpx.AsyncClient) -> None:
+        """A client that resumes after its last event whenever its stream ends."""
+        while True:
+            params = [("resume_after", received[-1].id or "")] if received else []
+            try:
+                async with watch(client, server.url, "orders", params) as stream:
+                    if stream.response.status_code != 200:
+                        await asyncio.sleep(0.2)  # 503 while PostgreSQL is down
+                        continue
+                    live.set()
+                    while True:
+                        received.append(await stream.next(timeout_s=3600))
+            except (httpx.HTTPError, StopAsyncIteration):
+                await asyncio.sleep(0.2)
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with anyio.create_task_group() as group:
+            group.start_soon(subscriber, client)
+            await live.wait()  # registered: it streams from here on
+            await pg.execute("INSERT INTO orders (id, item) VALUES (0, 'first')")
+            await eventually(lambda: _arrived(received, 1), timeout_s=10)
+            for _ in range(4):
+                group.start_soon(writer)
+            await asyncio.sleep(1.0)
+            done = await asyncio.to_thread(subprocess.run, command, capture_output=True,
+                                           text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            await asyncio.sleep(2.0)  # writers reconnect and commit again
+            stop_writing.set()
+            committed = {int(r["id"]) for r in await pg.fetch("SELECT id FROM orders")}
+            await eventually(lambda: _arrived(received, len(committed)), timeout_s=30)
+            await asyncio.sleep(0.5)  # anything more would be a repeat
+            group.cancel_scope.cancel()
+
+    ids = [int(payload(e)["documentKey"]["id"]) for e in received]  # type: ignore[index]
+    positions = [seq_of(e.id or "") for e in received]
+    assert len(committed) > 50
+    assert sorted(ids) == sorted(committed), "a committed change was lost or repeated"
+    assert positions == list(range(1, len(positions) + 1))
+    assert server.proc is not None and server.proc.poll() is None  # it rode it out
+
+
+async def _arrived(received: list[Event], count: int) -> bool:
+    return len(received) >= count

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,8 @@ import httpx
 import pytest
 
 from tests.conftest import HubProcess, open_stream, publish, token
-from tests.services import POSTGRES_URL, REDIS_URL, require
+from tests.nginx import nginx, port_of, require_nginx
+from tests.services import POSTGRES_URL, REDIS_URL, PrivateRedis, require
 from tidings.transports import open_transport
 
 pytestmark = pytest.mark.anyio
@@ -108,41 +108,25 @@ async def test_subscriber_of_a_killed_process_resumes_on_another(
     assert len(acked) == total
 
 
-def _redis_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["redis-cli", "-h", "127.0.0.1", *args], capture_output=True,
-                          text=True, timeout=10)
-
-
-def _start_redis() -> None:
-    subprocess.run(
-        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
-         "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
-         "--logfile", "/var/log/redis/ci.log"], check=True, timeout=10)
-    deadline = time.monotonic() + 10
-    while _redis_cli("ping").stdout.strip() != "PONG":
-        if time.monotonic() > deadline:
-            raise RuntimeError("redis did not come back")
-        time.sleep(0.05)
-
-
 async def test_redis_restart_mid_stream_loses_nothing_acknowledged(
-    hub_factory: type[HubProcess],
+    hub_factory: type[HubProcess], private_redis: PrivateRedis
 ) -> None:
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server is not installed here, so it cannot be restarted")
-    bus = f"{require(REDIS_URL)}?namespace=t{uuid.uuid4().hex[:12]}"
+    # A Redis of the test's own: restarting the shared one would break everyone else's
+    # tests (tests/integration/test_outages.py has the same under load).
+    redis = private_redis
+    bus = f"{redis.url}?namespace=t{uuid.uuid4().hex[:12]}"
     a, b = hub_factory("--bus", bus).start(), hub_factory("--bus", bus).start()
     async with httpx.AsyncClient(timeout=10) as client:
         async with open_stream(client, a.url, [("topic", "/r")]) as stream:
             acked = [(await publish(client, b.url, "/r", f"before {i}")).text for i in range(20)]
             assert [e.id for e in await stream.take(20)] == acked
-            _redis_cli("shutdown", "nosave")
+            redis.kill()
             try:
                 down = await publish(client, b.url, "/r", "while down")
                 assert down.status_code == 503
                 assert down.headers.get("retry-after")
             finally:
-                _start_redis()
+                redis.start()
             after: list[str] = []
             deadline = time.monotonic() + 20
             while len(after) < 20 and time.monotonic() < deadline:
@@ -187,42 +171,13 @@ async def test_workers_share_one_port(hub_factory: type[HubProcess]) -> None:
     assert server.proc is not None and server.proc.returncode == 0
 
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-
 async def test_nginx_in_front_of_two_processes(
     hub_factory: type[HubProcess], tmp_path: Path
 ) -> None:
-    if not os.path.exists(NGINX):
-        if os.environ.get("CI") == "true":
-            pytest.fail("nginx is not installed (apt-get install nginx)")
-        pytest.skip("nginx is not installed (apt-get install nginx)")
+    require_nginx()
     bus = f"{require(REDIS_URL)}?namespace=t{uuid.uuid4().hex[:12]}"
     a, b = hub_factory("--bus", bus).start(), hub_factory("--bus", bus).start()
-    from tests.integration.test_cli import free_port
-
-    listen = free_port()
-    template = (Path(__file__).parents[2] / "deploy" / "nginx.conf").read_text()
-    config = template
-    for name, value in {
-        "prefix": str(tmp_path), "port_a": a.url.rsplit(":", 1)[1],
-        "port_b": b.url.rsplit(":", 1)[1], "listen_port": str(listen),
-    }.items():
-        config = config.replace("{" + name + "}", value)
-    (tmp_path / "nginx.conf").write_text(config)
-    nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-                              "-g", "daemon off;"], stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{listen}"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    with nginx(tmp_path / "nginx", port_of(a.url), port_of(b.url)) as url:
         async with httpx.AsyncClient(timeout=10) as client:
             # EventSource behaviour: stream, and on a drop reconnect with Last-Event-ID.
             received: list[str] = []
@@ -241,18 +196,13 @@ async def test_nginx_in_front_of_two_processes(
                 # nginx acts on X-Accel-Buffering itself and does not pass it on.
                 assert stream.response.headers["content-type"].startswith("text/event-stream")
                 assert [e.id for e in await stream.take(5)] == more
-    finally:
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(10)
-        if nginx.stderr is not None:
-            nginx.stderr.close()
 
 
 async def test_change_feed_on_several_processes_delivers_each_change_once(
     hub_factory: type[HubProcess], tmp_path: Path, bus: str
 ) -> None:
     """Every process tails the same change log; the bus stores each change once."""
-    from tests.integration.test_feeds_sqlite import AUTH, CONFIG, make_db
+    from tests.integration.feed_backends import AUTH, CONFIG, make_db
 
     make_db(tmp_path)
     config = tmp_path / "tidings.toml"

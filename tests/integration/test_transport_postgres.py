@@ -16,6 +16,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import anyio
 import asyncpg
@@ -182,6 +183,42 @@ async def test_seq_follows_commit_order_under_contention(
     for i in range(4):
         mine = [u.seq for u in stored if int(u.data.split()[1]) % 200 // 50 == i]
         assert mine == sorted(mine)
+
+
+async def test_many_appends_in_one_commit_and_a_failure_stores_a_prefix(
+    opener: Opener, raw: asyncpg.Connection
+) -> None:
+    """`append_many` (what the feeds' tailers publish a page with) stores its updates in
+    order in one transaction; when a batch fails, what was queued behind it fails too,
+    unwritten, so what is stored is always a prefix and publishing again keeps order."""
+    t = await opener()
+    stored = await t.append_many([update(n) for n in range(300)])
+    assert [u.seq for u in stored] == list(range(stored[0].seq, stored[0].seq + 300))
+    assert [u.data for u in stored] == [f"data {n}" for n in range(300)]
+    assert await raw.fetchval(f"SELECT count(DISTINCT xmin::text) FROM {t.table}") == 1
+
+    async def waiting_writer() -> int | None:
+        return cast(int | None, await raw.fetchval(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND ((classid::bigint << 32) | objid::bigint) = $1", t.lock_key))
+
+    async with raw.transaction():
+        await raw.execute("SELECT pg_advisory_xact_lock($1)", t.lock_key)
+        # 600: more than one batch; the first waits for the lock, the rest queue behind.
+        many = asyncio.create_task(t.append_many([update(n) for n in range(1000, 1600)]))
+        # Kill the writer's session while it waits (a broken connection may be tried
+        # once more on a fresh one, which is killed too).
+        with anyio.fail_after(10):
+            while not many.done():
+                pid = await waiting_writer()
+                if pid is not None:
+                    await raw.execute("SELECT pg_terminate_backend($1)", pid)
+                await asyncio.sleep(0.02)
+        with pytest.raises(ServiceUnavailable):
+            await many
+    assert await raw.fetchval(f"SELECT count(*) FROM {t.table}") == 300
+    again = await t.append_many([update(n) for n in range(1000, 1600)])
+    assert [u.seq for u in again] == list(range(stored[-1].seq + 1, stored[-1].seq + 601))
 
 
 async def test_identical_publishes_racing_on_several_processes_are_stored_once(
@@ -376,3 +413,41 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
         self._pumps.clear()
+
+
+async def test_a_pooled_connection_goes_back_only_in_a_known_state(
+    raw: asyncpg.Connection,
+) -> None:
+    """The pool skips its reset round trip, so `pooled` aborts a connection whose
+    operation was cut off or broke (after a server restart the next caller would get it
+    mid-error: "another operation is in progress") and keeps one after a clean refusal.
+    Which it did shows in the next caller's backend: the same one, or a new one."""
+    from tidings.errors import NotFound
+    from tidings.pgdb import Pool, open_pool, pooled
+
+    async def backend(pool: Pool) -> int:
+        async with pooled(pool) as conn:
+            return cast(int, await conn.fetchval("SELECT pg_backend_pid()"))
+
+    pool = await open_pool(require(POSTGRES_URL), application_name="tidings-test-pooled")
+    try:
+        first = await backend(pool)
+        with pytest.raises(NotFound):  # the caller's own error between statements
+            async with pooled(pool) as conn:
+                await conn.fetchval("SELECT 1")
+                raise NotFound("no such thing")
+        assert await backend(pool) == first
+        with pytest.raises(TimeoutError):  # cut off mid-statement
+            async with pooled(pool) as conn:
+                await conn.fetch("SELECT pg_sleep(10)", timeout=0.1)
+        second = await backend(pool)
+        assert second != first
+        with pytest.raises(asyncpg.PostgresConnectionError):  # its backend killed
+            async with pooled(pool) as conn:
+                sleeping = asyncio.create_task(conn.fetch("SELECT pg_sleep(10)"))
+                await asyncio.sleep(0.05)  # the statement is on its way
+                await raw.execute("SELECT pg_terminate_backend($1)", second)
+                await sleeping
+        assert await backend(pool) not in (first, second)
+    finally:
+        await pool.close()

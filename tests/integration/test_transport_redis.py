@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -80,7 +81,7 @@ async def raw() -> AsyncIterator[Redis]:
 async def namespace(raw: Redis) -> AsyncIterator[str]:
     name = "tr" + uuid.uuid4().hex[:12]
     yield name
-    await raw.delete(f"{name}:updates", f"{name}:ids", f"{name}:id-ages")
+    await raw.delete(f"{name}:updates", f"{name}:ids", f"{name}:id-ages", f"{name}:epoch")
 
 
 @pytest.fixture
@@ -327,3 +328,62 @@ async def test_close_ends_a_blocked_tail(opener: Opener, raw: Redis, namespace: 
     await t.close()
     await asyncio.wait_for(task, 5)  # returns: the end of the tail, not an error
     assert seen == []
+
+
+# -- a stream that lost its history (Redis back empty) --------------------------------
+
+
+async def first_items(t: RedisTransport, after: int, count: int) -> list[Update]:
+    """The first `count` updates `tail(after)` yields (its continuity check included)."""
+    seen: list[Update] = []
+    async with contextlib.aclosing(t.tail(after)) as tail:
+        async for u in tail:
+            seen.append(u)
+            if len(seen) == count:
+                break
+    return seen
+
+
+@pytest.mark.anyio
+async def test_a_lost_history_is_told_once_and_seqs_stay_above_it(
+    opener: Opener, raw: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = await opener()
+    stream = f"{namespace}:updates"
+    await t.append(update(0))
+    # An entry ten minutes ahead of the server's clock (a server whose clock ran ahead
+    # wrote it): the fan-out's cursor ends up there.
+    fields = (await entries(raw, stream))[0][1]
+    ahead_ms = int(time.time() * 1000) + 600_000
+    await raw.xadd(stream, {**fields, b"id": b"ahead"}, id=f"{ahead_ms}-0")  # type: ignore[arg-type]
+    seen = await first_items(t, 0, 2)
+    assert seen[-1].id == "ahead" and t.last_seq == seen[-1].seq
+    # Redis comes back empty (as after a restart without persistence).
+    await raw.delete(stream, f"{namespace}:ids", f"{namespace}:id-ages", f"{namespace}:epoch")
+    caplog.set_level(logging.WARNING, logger="tidings.transports.redis")
+    tail = asyncio.create_task(first_items(t, t.last_seq, 1))
+    fresh = await t.append(update(1))
+    # Placed above the cursor (the clock is behind it), so the tail is not left waiting.
+    assert fresh.seq > seen[-1].seq
+    assert [u.id for u in await asyncio.wait_for(tail, 10)] == [fresh.id]
+    lost = [r.getMessage() for r in caplog.records if "lost the history" in r.getMessage()]
+    assert len(lost) == 1 and f"up to seq {seen[-1].seq}" in lost[0]
+    assert await t.find("ahead") is None  # a resume from it is `earliest`
+    assert (await t.find(fresh.id)) == fresh
+    # The next append goes on from there, in order.
+    assert (await t.append(update(2))).seq > fresh.seq
+
+
+@pytest.mark.anyio
+async def test_history_removed_by_retention_is_not_a_lost_history(
+    opener: Opener, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = await opener(history_size=2)
+    stored = [await t.append(update(i)) for i in range(5)]
+    assert await t.prune() == 3
+    caplog.set_level(logging.WARNING, logger="tidings.transports.redis")
+    # A tail resuming from a trimmed entry (a process that fell behind retention), or
+    # from one that is still there: nothing was lost by Redis.
+    assert [u.id for u in await first_items(t, stored[0].seq, 2)] == [u.id for u in stored[3:]]
+    assert [u.id for u in await first_items(t, stored[3].seq, 1)] == [stored[4].id]
+    assert not [r for r in caplog.records if "lost the history" in r.getMessage()]

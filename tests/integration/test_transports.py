@@ -15,8 +15,9 @@ import pytest
 
 from tests.services import POSTGRES_URL, REDIS_URL, require
 from tidings.errors import TransportClosed
+from tidings.hub.transport import HistoryBounds, Transport
 from tidings.hub.update import Update
-from tidings.transports import Transport, open_transport
+from tidings.transports import open_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -77,6 +78,7 @@ async def test_append_assigns_increasing_positions_and_keeps_frames(make: Factor
     assert [u.frame for u in read] == [u.frame for u in stored]
     assert read[0].topics == ("/t/0",) and read[0].type == "kind" and read[0].retry == 10
     assert [u.seq for u in await t.read_after(seqs[1], 2)] == seqs[2:4]
+    assert isinstance(t, HistoryBounds)
     assert await t.first_seq() == seqs[0]
     found = await t.find(stored[2].id)
     assert found is not None and found.seq == seqs[2] and found.frame == stored[2].frame
@@ -145,7 +147,8 @@ async def test_tail_from_a_position_replays_what_came_after(make: Factory) -> No
 async def test_retention_by_count(make: Factory) -> None:
     t = await started(make, history_size=10)
     stored = [await t.append(update(i)) for i in range(600)]
-    await t.prune()  # type: ignore[attr-defined]
+    assert isinstance(t, HistoryBounds)
+    await t.prune()
     kept = await t.read_after(0, 10_000)
     assert 10 <= len(kept) <= 600
     assert kept[-1].seq == stored[-1].seq

@@ -20,6 +20,7 @@ from tidings.client import (
     HubUnreachable,
     PublishError,
     RecentEvents,
+    TokenTooOld,
 )
 from tidings.errors import BadRequest, TidingsError
 from tidings.sse import Event
@@ -157,6 +158,16 @@ async def test_publish_makes_an_id_so_retries_are_safe() -> None:
     assert form.get_list("topic") == ["/a", "/b"] and form["type"] == "t"
 
 
+async def test_a_publish_refused_for_a_full_disk_is_retried_with_the_same_id() -> None:
+    full = {"error": "the update was not stored: ... is full", "status": 507}
+    with hub(httpx.Response(507, json=full, headers={"Retry-After": "0"}),
+             httpx.Response(200, text="ok")) as (client, requests):
+        async with client:
+            assert await client.publish("/t", "x") == "ok"
+    sent = [dict(httpx.QueryParams(r.content.decode()).multi_items()) for r in requests]
+    assert len(sent) == 2 and sent[0] == sent[1]
+
+
 async def test_an_unreachable_hub_is_a_connection_error_after_the_retries() -> None:
     with hub(httpx.ConnectError("refused")) as (client, requests):
         async with client:
@@ -204,6 +215,43 @@ async def test_closing_the_client_closes_its_subscriptions() -> None:
         await client.aclose()
         with pytest.raises(StopAsyncIteration):
             await anext(events)
+
+
+def collection_hub(*changes: httpx.Response) -> contextlib.AbstractContextManager[
+        tuple[Client, list[httpx.Request]]]:
+    """A hub serving one collection `m` (key `id`, one document) and then `changes`."""
+    index = httpx.Response(200, json={"collections": [{"name": "m", "key": "id"}]})
+    page = httpx.Response(200, json={"documents": [{"id": "a", "room": "r"}],
+                                     "next_cursor": None, "resume_token": "T0"})
+    return hub(index, page, *changes)
+
+
+async def test_watch_sends_its_filters_to_the_hub_and_does_not_filter_again() -> None:
+    change = '{"operationType": "insert", "documentKey": {"id": "b"}}'
+    with collection_hub(stream(f"id: T1\ndata: {change}\n\n".encode())) as (client, sent):
+        async with contextlib.aclosing(
+                client.watch("m", room="r", n=5, operationType="insert")) as events:
+            snapshot, inserted = await anext(events), await anext(events)
+    assert snapshot["operationType"] == "snapshot" and snapshot["documentKey"] == {"id": "a"}
+    assert inserted["documentKey"] == {"id": "b"}  # the hub's filter decides, not the client
+    _, listing, watching = sent
+    assert listing.url.path == "/api/collections/m"
+    assert sorted(listing.url.params.multi_items()) == [("limit", "1000"), ("n", "5"),
+                                                        ("room", "r")]
+    assert watching.url.path == "/api/collections/m/changes"
+    assert sorted(watching.url.params.multi_items()) == [
+        ("n", "5"), ("operationType", "insert"), ("resume_after", "T0"), ("room", "r")]
+
+
+async def test_watch_raises_token_too_old_from_the_hubs_error_event() -> None:
+    gone = b'event: error\ndata: {"error": "too old", "status": 410}\n\n'
+    with collection_hub(stream(gone)) as (client, _):
+        async with contextlib.aclosing(client.watch("m")) as events:
+            await anext(events)
+            with pytest.raises(TokenTooOld) as caught:
+                await anext(events)
+    assert caught.value.status == 410 and caught.value.reason == "too old"
+    assert isinstance(caught.value, HubError)
 
 
 ROOT = Path(__file__).parents[2]

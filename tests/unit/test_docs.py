@@ -6,7 +6,6 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-import tidings
 from tidings.cli import main
 from tidings.settings import SETTINGS, markdown_table
 
@@ -33,5 +32,8 @@ def test_readme_shows_the_two_commands() -> None:
     assert "./scripts/test" in text
 
 
-def test_package_exports() -> None:
-    assert tidings.__all__ == sorted(tidings.__all__)
+def test_publish_and_subscribe_help_name_tidings_url() -> None:
+    for command in ("publish", "subscribe"):
+        help_text = CliRunner().invoke(main, [command, "--help"], terminal_width=200).output
+        assert "TIDINGS_URL" in help_text, command
+        assert "TIDINGS_TOKEN" in help_text, command

@@ -215,11 +215,33 @@ def test_bad_list_queries(params: list[tuple[str, str]]) -> None:
         ListQuery.from_params(params)
 
 
+# What a page can end on: a database's values, whose whole numbers are 64-bit.
+_INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
 @given(st.sampled_from(["created_at", "updated_at", "id"]), st.booleans(),
-       st.one_of(st.text(), st.integers(), st.none()), st.one_of(st.text(), st.integers()))
+       st.one_of(st.text(), _INT64, st.none()), st.one_of(st.text(), _INT64))
 def test_cursor_round_trip(sort: str, descending: bool, value: object, key: object) -> None:
     text = encode_cursor(sort, descending, value, key)  # type: ignore[arg-type]
     assert decode_cursor(text) == (sort, descending, value, key)
+
+
+@given(st.one_of(st.integers(min_value=2**63), st.integers(max_value=-(2**63) - 1),
+                 st.lists(st.integers()), st.dictionaries(st.text(), st.integers())))
+def test_cursor_holding_what_no_database_binds_is_refused(value: object) -> None:
+    with pytest.raises(BadRequest, match="malformed cursor"):
+        decode_cursor(encode_cursor("id", False, None, value))  # type: ignore[arg-type]
+
+
+def test_an_object_id_cursor_is_for_mongodb_only() -> None:
+    oid = {"$oid": "6b14cdcf0cffaee7b4329e4c"}
+    text = encode_cursor("_id", False, None, oid)
+    assert decode_cursor(text) == ("_id", False, None, oid)
+    with pytest.raises(BadRequest, match="malformed cursor"):  # what a SQL list binds
+        ListQuery.from_params([("cursor", text)]).sql_after()
+    for other in ({"$oid": "xyz"}, {"$oid": "6b14cdcf0cffaee7b4329e4c", "x": 1}):
+        with pytest.raises(BadRequest, match="malformed cursor"):
+            decode_cursor(encode_cursor("_id", False, None, other))
 
 
 def test_change_filter() -> None:
@@ -240,20 +262,18 @@ def test_change_filter() -> None:
 
 # -- configuration -----------------------------------------------------------------------
 
-TOML = r'''
-[collections.messages]
-schema.type = "object"
-schema.required = ["username", "content"]
-schema.properties.username = { type = "string", pattern = "\\S" }
-schema.properties.content = { type = "string", pattern = "\\S" }
-read = "public"
-write = "publisher"
+DOCS = Path(__file__).parents[2] / "docs" / "feeds.md"
 
-[collections.notes]
 
-[tables.orders]
-key = "id"
-'''
+def documented_configuration() -> str:
+    """The TOML example under the Configuration heading of docs/feeds.md."""
+    text = DOCS.read_text()
+    start = text.index("```toml\n", text.index("## Configuration")) + len("```toml\n")
+    return text[start:text.index("```", start)]
+
+
+# The configuration users copy from the docs, and a collection left at every default.
+TOML = documented_configuration() + "\n[collections.notes]\n"
 
 
 def test_toml_and_json_configurations(tmp_path: Path) -> None:
@@ -318,3 +338,25 @@ def test_change_filter_as_a_hub_predicate() -> None:
 
     for data in ("", "not json", "[1]", '{"operationType": 5}', "x" * 70_000):
         assert not accept(Update.create(["/collections/t"], data))  # never raises
+
+
+def test_mongodb_configuration() -> None:
+    from tidings.feeds import ConfigError, parse_config
+
+    config = parse_config({"mongodb": {"url": "mongodb://h/app", "collections": {
+        "messages": {"read": "public"}, "audit": {}}}})
+    assert config.mongodb.url == "mongodb://h/app" and not config.collections
+    messages = config.mongodb.collections["messages"]
+    assert (messages.kind, messages.key, messages.read, messages.writable) == (
+        "mongodb", "_id", "public", False)
+    assert config.mongodb.collections["audit"].private
+    # The command line adds collections (private) and its URL wins.
+    merged = config.mongodb.with_watched("mongodb://other/db", ["messages", "rooms"])
+    assert merged.url == "mongodb://other/db"
+    assert merged.collections["messages"].read == "public"
+    assert merged.collections["rooms"].private
+    for bad in ({"mongodb": {"port": 1}},
+                {"mongodb": {"collections": {"m": {"write": "anyone"}}}},
+                {"tables": {"m": {}}, "mongodb": {"collections": {"m": {}}}}):
+        with pytest.raises(ConfigError):
+            parse_config(bad)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
 from tidings.errors import BadRequest, ServiceUnavailable
-from tidings.hub.auth import KeyConfig, decode_token, encode_token
+from tidings.hub import hub as hub_module
+from tidings.hub.auth import KeyConfig, decode_token
 from tidings.hub.hub import Hub, HubConfig, Subscription
 from tidings.hub.subscriber import CloseReason, State, SubscriberLimits
+from tidings.hub.tokens import encode_token
 from tidings.hub.topics import compile_selector
 from tidings.hub.update import Update
 from tidings.sse import EventParser
@@ -174,6 +177,28 @@ async def test_shutdown_closes_streams() -> None:
     await hub.stop()
 
 
+async def test_stop_waits_for_the_last_stream_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stop` returns when the last subscriber unregisters, however long it may wait."""
+    monkeypatch.setattr(hub_module, "_STOP_WAIT_S", 3600.0)
+    hub = await make_hub()
+    closed = asyncio.Event()
+    left: list[int] = []
+
+    async def stream() -> None:
+        async with hub.connect(sel("/a"), None) as sub:
+            await live(sub)
+            sub.subscriber.on_close(closed.set)
+            await closed.wait()
+            await settle()  # a writer finishing its response
+        left.append(hub.subscriber_count)
+
+    task = asyncio.create_task(stream())
+    await settle()
+    assert hub.subscriber_count == 1
+    await asyncio.wait_for(hub.stop(), 10)
+    assert left == [0] and task.done()
+
+
 async def test_writes_coalesce_under_load() -> None:
     """Updates published right after a flush, back to back, go out in few writes."""
     hub = await make_hub(flush_linger_s=0.05)
@@ -276,4 +301,81 @@ async def test_stream_closes_when_the_token_expires() -> None:
         sub.subscriber.on_close(closed.set)
         await asyncio.wait_for(closed.wait(), 5)
         assert sub.subscriber.close_reason is CloseReason.TOKEN_EXPIRED
+    await hub.stop()
+
+
+async def test_updates_stored_here_are_fanned_out_once_in_order_whichever_path_is_first(
+) -> None:
+    """`publish_many` fans out what it stored without waiting for the tail to read it back;
+    the tail skips those. Interleaved with single publishes (which only the tail fans out),
+    every update still arrives once, in seq order."""
+    hub = await make_hub()
+    async with hub.connect(sel("/s"), None) as sub:
+        sink = await live(sub)
+
+        async def batches() -> None:
+            for i in range(20):
+                await hub.publish_many([Update.create(["/s"], f"m{i}.{j}") for j in range(3)])
+
+        async def singles() -> None:
+            for i in range(20):
+                await hub.publish(Update.create(["/s"], f"s{i}"))
+
+        await asyncio.gather(batches(), singles())
+        stored = await hub.transport.read_after(0, 1000)
+        assert await collect(sink, 80) == [u.data for u in stored]
+        await settle()
+        assert len(sink.events) == 80
+    await hub.stop()
+
+
+class HeldTail:
+    """The memory transport, with a tail that yields only while `flowing` is set (a slow
+    bus: the tail reads an update back well after its publisher stored it)."""
+
+    def __init__(self) -> None:
+        self.inner = open_transport("memory://")
+        self.flowing = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    @property
+    def last_seq(self) -> int:
+        return self.inner.last_seq
+
+    async def tail(self, after: int) -> AsyncIterator[Update]:
+        async for update in self.inner.tail(after):
+            await self.flowing.wait()
+            yield update
+
+
+async def test_a_stored_batch_is_fanned_out_before_the_tail_reads_it_and_only_once() -> None:
+    transport = HeldTail()
+    hub = Hub(transport)  # type: ignore[arg-type]
+    await hub.start()
+    async with hub.connect(sel("/s"), None) as sub:
+        sink = await live(sub)
+        await hub.publish_many([Update.create(["/s"], d) for d in ("a", "b")])
+        assert await collect(sink, 2) == ["a", "b"]  # the tail has not read them yet
+        transport.flowing.set()
+        await hub.publish(Update.create(["/s"], "c"))  # this one only through the tail
+        assert await collect(sink, 3) == ["a", "b", "c"]
+        await settle()
+        assert sink.events == ["a", "b", "c"]
+    await hub.stop()
+
+
+async def test_a_stored_batch_after_a_gap_is_left_to_the_tail() -> None:
+    """Updates another process stored in between come first: a batch that does not follow
+    the last seq fanned out is not fanned out ahead of them."""
+    hub = await make_hub()
+    async with hub.connect(sel("/s"), None) as sub:
+        sink = await live(sub)
+        last = hub._last_seq
+        ahead = Update.create(["/s"], "ahead").stored(last + 2, 0.0)
+        hub._fan_out_stored([ahead], 0)
+        assert hub._last_seq == last and sink.events == []
+        await hub.publish_many([Update.create(["/s"], "next")])
+        assert await collect(sink, 1) == ["next"]
     await hub.stop()

@@ -4,6 +4,7 @@ ends the loop, and cancellation goes through."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -36,3 +37,23 @@ async def test_cancellation_is_not_retried() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_an_outage_is_one_warning_and_the_retries_are_debug(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tidings.retry.FIRST_BACKOFF_S", 0.0)
+    attempts: list[int] = []
+
+    async def attempt() -> None:
+        attempts.append(len(attempts))
+        if len(attempts) < 5:
+            raise ConnectionError("the bus went away")
+
+    caplog.set_level(logging.DEBUG, logger="tidings.retry")
+    await asyncio.wait_for(run_with_backoff(attempt, what="fan-out", position=lambda: 7), 5)
+    levels = [record.levelno for record in caplog.records]
+    assert levels == [logging.WARNING] + [logging.DEBUG] * 3
+    assert caplog.records[0].getMessage().startswith(
+        "fan-out interrupted (the bus went away); resuming after 7 in")
+    assert caplog.records[-1].getMessage().endswith("(attempt 4)")

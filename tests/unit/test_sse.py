@@ -25,6 +25,14 @@ def parse_bytewise(stream: bytes, **kwargs: int) -> list[Event]:
     return events
 
 
+def feed_cut(parser: EventParser, stream: bytes, cuts: list[int]) -> list[Event]:
+    """What `parser` returns for `stream` fed in pieces cut at `cuts` (sorted offsets)."""
+    events: list[Event] = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        events.extend(parser.feed(stream[start:end]))
+    return events
+
+
 def normalise(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -123,10 +131,7 @@ def test_round_trip_stream_any_chunking(
     assert [ev.data for ev in expected] == [normalise(d) for d, _, _ in frames]
     cuts = sorted(draw.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     parser = EventParser()
-    events: list[Event] = []
-    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        events.extend(parser.feed(stream[start:end]))
-    assert events == expected
+    assert feed_cut(parser, stream, cuts) == expected
     assert parser.comments == len(frames)
 
 
@@ -188,11 +193,7 @@ def test_matches_reference_under_any_chunking(stream: bytes, draw: st.DataObject
     assert parse_all(stream) == expected
     assert parse_bytewise(stream) == expected
     cuts = sorted(draw.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
-    parser = EventParser()
-    events: list[Event] = []
-    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        events.extend(parser.feed(stream[start:end]))
-    assert events == expected
+    assert feed_cut(EventParser(), stream, cuts) == expected
 
 
 @given(st.binary(max_size=200))
@@ -219,35 +220,39 @@ def test_line_endings(eol: bytes) -> None:
     assert parse_bytewise(stream) == [Event(data="a\nb")]
 
 
-def test_crlf_split_across_chunks_is_one_line_end() -> None:
+# Chunk boundaries: the chunks one parser is fed, each with the events it must return.
+CHUNKED: dict[str, list[tuple[bytes, list[Event]]]] = {
+    "crlf_split_across_chunks_is_one_line_end": [
+        (b"data: a\r", []),
+        (b"\n", []),  # had the LF counted as a second line end, this would dispatch
+        (b"data: b\r", []),
+        (b"\ndata: c\r", []),
+        (b"\n\r", [Event(data="a\nb\nc")]),
+    ],
+    "cr_at_chunk_end_dispatches_without_waiting": [
+        (b"data: a\r\r", [Event(data="a")]),
+        # The LF after a lone-CR blank line is itself a blank line; with nothing buffered,
+        # no event.
+        (b"\ndata: b\r\r", [Event(data="b")]),
+    ],
+    "skip_lf_survives_empty_feed": [
+        (b"data: a\r", []),
+        (b"", []),
+        (b"\n", []),
+        (b"\n", [Event(data="a")]),
+    ],
+    "unterminated_frame_emits_nothing": [
+        (b"data: a\ndata: b\n", []),
+        (b"data: c", []),
+    ],
+}
+
+
+@pytest.mark.parametrize("feeds", CHUNKED.values(), ids=CHUNKED.keys())
+def test_chunk_boundaries(feeds: list[tuple[bytes, list[Event]]]) -> None:
     parser = EventParser()
-    assert parser.feed(b"data: a\r") == []
-    # Had the LF counted as a second line end, this would dispatch.
-    assert parser.feed(b"\n") == []
-    assert parser.feed(b"data: b\r") == []
-    assert parser.feed(b"\ndata: c\r") == []
-    assert parser.feed(b"\n\r") == [Event(data="a\nb\nc")]
-
-
-def test_cr_at_chunk_end_dispatches_without_waiting() -> None:
-    parser = EventParser()
-    assert parser.feed(b"data: a\r\r") == [Event(data="a")]
-    # The LF after a lone-CR blank line is itself a blank line; with nothing buffered, no event.
-    assert parser.feed(b"\ndata: b\r\r") == [Event(data="b")]
-
-
-def test_skip_lf_survives_empty_feed() -> None:
-    parser = EventParser()
-    assert parser.feed(b"data: a\r") == []
-    assert parser.feed(b"") == []
-    assert parser.feed(b"\n") == []
-    assert parser.feed(b"\n") == [Event(data="a")]
-
-
-def test_unterminated_frame_emits_nothing() -> None:
-    parser = EventParser()
-    assert parser.feed(b"data: a\ndata: b\n") == []
-    assert parser.feed(b"data: c") == []
+    for chunk, events in feeds:
+        assert parser.feed(chunk) == events, chunk
 
 
 def test_multiline_data_with_empty_lines() -> None:

@@ -87,29 +87,32 @@ def test_template_matches_its_own_text() -> None:
     assert compile_selector(BOOKS).matches(BOOKS)
 
 
-def test_several_simple_expressions() -> None:
-    sel = compile_selector("https://example.com/{firstname}/{lastname}")
-    assert sel.matches("https://example.com/kevin/dunglas")
-    assert not sel.matches("https://example.com/kevin/dunglas/x")
-    sel = compile_selector("https://example.com/{foo}/bar")
-    assert sel.matches("https://example.com/foo/bar")
-    assert not sel.matches("https://example.com/foo/bar/baz")
-
-
-def test_reserved_expansion_crosses_slashes() -> None:
-    sel = compile_selector("https://example.com/{+path}")
-    assert sel.matches("https://example.com/a/b/c?x=1&y=2#frag")
-    assert not sel.matches("https://example.com/a b")
-    sel = compile_selector("https://example.com/{+path}.json")
-    assert sel.matches("https://example.com/a/b.json")
-    assert not sel.matches("https://example.com/a/b.xml")
-    # A simple expression does not.
-    assert not compile_selector("https://example.com/{path}").matches("https://example.com/a/b")
-
-
 @pytest.mark.parametrize(
     ("template", "yes", "no"),
     [
+        # Several simple expressions, each one segment.
+        (
+            "https://example.com/{firstname}/{lastname}",
+            ["https://example.com/kevin/dunglas"],
+            ["https://example.com/kevin/dunglas/x"],
+        ),
+        (
+            "https://example.com/{foo}/bar",
+            ["https://example.com/foo/bar"],
+            ["https://example.com/foo/bar/baz"],
+        ),
+        # Reserved expansion crosses slashes; a simple expression does not.
+        (
+            "https://example.com/{+path}",
+            ["https://example.com/a/b/c?x=1&y=2#frag"],
+            ["https://example.com/a b"],
+        ),
+        (
+            "https://example.com/{+path}.json",
+            ["https://example.com/a/b.json"],
+            ["https://example.com/a/b.xml"],
+        ),
+        ("https://example.com/{path}", [], ["https://example.com/a/b"]),
         (
             "https://e.com/books{?page,size}",
             [

@@ -6,7 +6,7 @@
     NotFound            404  UnknownRoom, UnknownUser, UnknownMessage, UnknownTask
     TidingsError        409  Taken (a username or room name in use)
     TidingsError        422  InvalidInput (with the field at fault)
-    TidingsError        429  RateLimited (with the seconds to wait)
+    RetryLater          429  RateLimited (with the seconds to wait)
     ServiceUnavailable  503  ChatUnavailable (no key the chat can sign sessions with)
 """
 
@@ -16,6 +16,7 @@ from tidings.errors import (
     BadRequest,
     Forbidden,
     NotFound,
+    RetryLater,
     ServiceUnavailable,
     TidingsError,
     TokenMissing,
@@ -52,48 +53,40 @@ class BadCredentials(Unauthorized):
 
 
 class NotAllowed(Forbidden):
-    pass
+    """Someone else's message, or a conversation one is not a member of."""
 
 
 class UnknownRoom(NotFound):
-    pass
+    """No room of that name."""
 
 
 class UnknownUser(NotFound):
-    pass
+    """No user of that name."""
 
 
 class UnknownMessage(NotFound):
-    pass
+    """No message of that id (in that conversation)."""
 
 
 class UnknownTask(NotFound):
-    pass
+    """No export task of that id for this user."""
 
 
-class Taken(TidingsError):
+class Taken(TidingsError, status_hint=409):
     """A username or room name that exists already."""
 
-    status_hint = 409
 
-
-class InvalidInput(TidingsError):
+class InvalidInput(TidingsError, status_hint=422):
     """A field that does not satisfy its rule (empty message, bad username, ...)."""
-
-    status_hint = 422
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
 
 
-class RateLimited(TidingsError):
-    status_hint = 429
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+class RateLimited(RetryLater, status_hint=429):
+    """Too many messages or sign-in attempts; `retry_after_s` says when to try again."""
 
 
 class ChatUnavailable(ServiceUnavailable):
-    pass
+    """No key the chat can sign sessions with."""

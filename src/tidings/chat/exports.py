@@ -5,6 +5,12 @@ completed or failed) updates the row and emits a `task.*` update in the same com
 progress a page shows is never ahead of, or lost from, what the task row says. The result
 is kept in the row and downloaded with the owner's session. Tasks left unfinished by a
 stopped server are run again when it starts (an export is a pure function of the data).
+
+On several processes (`cluster.py`) the process running an export claims it, so a process
+that starts runs again only the unfinished tasks nobody claims, and the exports of a
+process that is gone (killed, or stopped mid-export) are run again by the one that
+sweeps it. The task row, its result and its progress updates are in the shared database,
+so any process serves them.
 """
 
 from __future__ import annotations
@@ -16,9 +22,14 @@ import io
 import json
 import logging
 import secrets
+from typing import TYPE_CHECKING
 
 from tidings.chat.model import Conversation, Message, now_iso
 from tidings.chat.store import ChatStore, TaskRow
+from tidings.errors import TidingsError
+
+if TYPE_CHECKING:
+    from tidings.chat.cluster import Cluster, Expired
 
 __all__ = ["FORMATS", "Exports", "render"]
 
@@ -28,6 +39,7 @@ FORMATS = ("json", "csv")
 _CSV_FIELDS = ("id", "sender", "content", "created_at", "edited_at")
 # Spreadsheets run cells that start with these as formulas (CSV injection).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_CLAIM = "export"
 
 
 def _csv_cell(value: object) -> str:
@@ -52,16 +64,28 @@ def render(room: str, messages: list[Message], fmt: str) -> bytes:
 
 
 class Exports:
-    def __init__(self, store: ChatStore, *, page_size: int = 200, concurrency: int = 2) -> None:
+    def __init__(self, store: ChatStore, *, page_size: int = 200, concurrency: int = 2,
+                 cluster: Cluster | None = None) -> None:
         self._store = store
         self._page_size = page_size
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cluster = cluster
+        if cluster is not None:
+            cluster.on_expired(self._expired)
 
     async def start(self) -> None:
-        for task_id in await self._store.unfinished_tasks():
+        await self._resume(await self._store.unfinished_tasks())
+
+    async def _resume(self, task_ids: list[str]) -> None:
+        if self._cluster is not None:  # only those no live process is running
+            task_ids = await self._cluster.claim(_CLAIM, task_ids)
+        for task_id in task_ids:
             log.info("chat export %s was interrupted: running it again", task_id)
             self._spawn(task_id)
+
+    async def _expired(self, leftovers: Expired) -> None:
+        await self._resume([item for kind, item in leftovers.claims if kind == _CLAIM])
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -74,6 +98,8 @@ class Exports:
         # The owner's name and a dot: the owner's token may read `/tasks/OWNER.{id}`.
         task_id = f"{owner}.{secrets.token_hex(8)}"
         row = await self._store.create_task(task_id, owner, room, fmt)
+        if self._cluster is not None:
+            await self._cluster.claim(_CLAIM, [task_id])
         self._spawn(task_id)
         return row
 
@@ -114,3 +140,12 @@ class Exports:
                 await store.task_progress(task_id, "failed", 0, "failed", error=str(exc))
             except Exception as again:
                 log.warning("chat export %s: cannot record the failure: %r", task_id, again)
+        await self._release(task_id)
+
+    async def _release(self, task_id: str) -> None:
+        if self._cluster is None:
+            return
+        try:
+            await self._cluster.release(_CLAIM, task_id)
+        except TidingsError as exc:  # its process row expires, and the claim with it
+            log.warning("chat export %s: cannot release its claim: %s", task_id, exc)

@@ -37,6 +37,7 @@ __all__ = [
     "check_password",
     "check_room_name",
     "check_username",
+    "is_shared_db",
     "mentions",
     "notifications_topic",
     "now_iso",
@@ -57,25 +58,40 @@ _ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _MENTION = re.compile(r"(?<![A-Za-z0-9_])@([A-Za-z0-9_]{2,32})(?![A-Za-z0-9_])")
 
 
+def is_shared_db(db_url: str) -> bool:
+    """Whether the chat's tables at `db_url` (`--db`) can be shared by several processes
+    (PostgreSQL), so that the chat runs on several workers and machines."""
+    return db_url.startswith(("postgresql://", "postgres://"))
+
+
 def now_iso() -> str:
     """ISO 8601 UTC with milliseconds, as the change feed writes `wallTime`."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def check_username(value: object) -> str:
-    """A username: 2 to 32 of a-z, 0-9 and _, case-folded (`Alice` signs up as `alice`)."""
+def _string(value: object, field: str) -> str:
+    """`value`, which must be a string (it comes from a JSON body)."""
     if not isinstance(value, str):
-        raise InvalidInput("username", "username must be a string")
-    name = value.strip().lower()
-    if not _USERNAME.fullmatch(name):
-        raise InvalidInput(
-            "username", "a username is 2 to 32 letters, digits or _ (case does not matter)")
+        raise InvalidInput(field, f"{field} must be a string")
+    return value
+
+
+def _name(value: object, field: str, pattern: re.Pattern[str], rule: str) -> str:
+    """`value` stripped and case-folded, which `pattern` must match whole (else `rule`)."""
+    name = _string(value, field).strip().lower()
+    if not pattern.fullmatch(name):
+        raise InvalidInput(field, rule)
     return name
 
 
+def check_username(value: object) -> str:
+    """A username: 2 to 32 of a-z, 0-9 and _, case-folded (`Alice` signs up as `alice`)."""
+    return _name(value, "username", _USERNAME,
+                 "a username is 2 to 32 letters, digits or _ (case does not matter)")
+
+
 def check_password(value: object) -> str:
-    if not isinstance(value, str):
-        raise InvalidInput("password", "password must be a string")
+    value = _string(value, "password")
     if not MIN_PASSWORD_LENGTH <= len(value) <= MAX_PASSWORD_LENGTH:
         raise InvalidInput(
             "password",
@@ -85,20 +101,14 @@ def check_password(value: object) -> str:
 
 def check_room_name(value: object) -> str:
     """A room name: 1 to 32 of a-z, 0-9, _ and -, starting with a letter or digit."""
-    if not isinstance(value, str):
-        raise InvalidInput("name", "name must be a string")
-    name = value.strip().lower()
-    if not _ROOM.fullmatch(name):
-        raise InvalidInput(
-            "name", "a room name is 1 to 32 letters, digits, _ or - (not first)")
-    return name
+    return _name(value, "name", _ROOM,
+                 "a room name is 1 to 32 letters, digits, _ or - (not first)")
 
 
 def check_content(value: object) -> str:
     """A message's text: not blank, at most MAX_MESSAGE_LENGTH characters. Kept as sent
     (the page shows it with textContent, so no escaping is stored)."""
-    if not isinstance(value, str):
-        raise InvalidInput("content", "content must be a string")
+    value = _string(value, "content")
     if not value.strip():
         raise InvalidInput("content", "a message cannot be empty")
     if len(value) > MAX_MESSAGE_LENGTH:

@@ -21,8 +21,9 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["Connection", "PresenceRegistry", "PresenceTracker"]
+__all__ = ["Connection", "Presence", "PresenceRegistry", "PresenceTracker"]
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,34 @@ class PresenceRegistry:
     def is_online(self, user: str) -> bool:
         return user in self._per_user
 
+    def connections(self) -> list[Connection]:
+        return list(self._connections.values())
+
     def __len__(self) -> int:
         return len(self._connections)
 
 
 Announce = Callable[[str | None, list[str]], Awaitable[None]]
+
+
+class Presence(Protocol):
+    """What the chat service needs of presence: this process's tracker (one process), or
+    `shared_presence.SharedPresence` (several processes sharing PostgreSQL)."""
+
+    registry: PresenceRegistry
+
+    def connect(self, user: str, rooms: Iterable[str]) -> Connection: ...
+
+    def disconnect(self, connection: Connection) -> None: ...
+
+    async def who(self, room: str | None = None) -> list[str]:
+        """The users online in `room` (None: anywhere), sorted."""
+
+    async def online_among(self, users: Iterable[str]) -> set[str]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class PresenceTracker:
@@ -106,6 +130,15 @@ class PresenceTracker:
 
     def online(self, room: str | None = None) -> list[str]:
         return self.registry.online(room)
+
+    async def who(self, room: str | None = None) -> list[str]:
+        return self.registry.online(room)
+
+    async def online_among(self, users: Iterable[str]) -> set[str]:
+        return {user for user in users if self.registry.is_online(user)}
+
+    async def start(self) -> None:
+        """Nothing to start: the tracker lives in memory."""
 
     def _changed(self, rooms: list[str | None], delay_s: float) -> None:
         if self._closed:

@@ -1,72 +1,105 @@
 """The relay: publishes the chat's outbox through the hub, in order, exactly once.
 
-It reads the outbox after its cursor, publishes each row as a private update whose id is
-`chat-EPOCH-SEQ`, and only then drops the rows and saves the cursor. After a crash it
-publishes the unsaved rows again; each is the same update (same id, topics and data),
-which the hub's transport stores once. So every committed chat write reaches the hub's
-history once, and from there every subscriber, live or resuming with Last-Event-ID.
+It is a tailer (`feeds/tailer.py`) over the outbox: it reads the rows after its cursor,
+publishes each as a private update whose id is `chat-EPOCH-SEQ`, and only then drops the
+rows and saves the cursor. After a crash it publishes the unsaved rows again; each is the
+same update (same id, topics and data), which the hub's transport stores once. So every
+committed chat write reaches the hub's history once, and from there every subscriber,
+live or resuming with Last-Event-ID.
 
-A write through the store wakes the relay at once: no polling.
+One relay among processes: the store's database makes this process the relay, or has it
+wait while another is (`ChatDatabase.lead`: nothing to wait for on SQLite, which serves
+one process; a session advisory lock on PostgreSQL, which another process takes over
+within moments of the relay's end). A write through this process's store wakes the relay
+at once; writes of other processes wake it through the database (`pg_store.py`). A
+history read on a process that does not relay waits for the saved cursor instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 from tidings.chat.store import ChatStore
-from tidings.hub.hub import Hub
+from tidings.feeds.tailer import Entry, Tailer
+from tidings.hub.hub import EARLIEST, Hub
 from tidings.hub.update import Update
-from tidings.retry import run_with_backoff
 
 __all__ = ["Relay"]
 
 
 _BATCH = 500
+# How long a history read waits for the relay to publish what it reflects (the relay in
+# this process wakes it when it has; else it rereads the saved cursor every
+# `standby_poll_s` of the database).
+_WAIT_S = 10.0
 
 
 class Relay:
     def __init__(self, store: ChatStore, hub: Hub) -> None:
-        self._store = store
-        self._hub = hub
-        self._wake = asyncio.Event()
-        self._cursor = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def start(self) -> None:
-        self._cursor = await self._store.cursor()
-        self._task = asyncio.create_task(self._run(), name="tidings-chat-relay")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    def update_id(self, seq: int) -> str:
-        return f"chat-{self._store.epoch}-{seq}"
-
-    async def _run(self) -> None:
+        self._outbox = _Outbox(store)
         # The hub may refuse (shutting down, a bus that went away) or the database be
         # busy: the rows stay in the outbox and the next attempt starts from the cursor.
-        await run_with_backoff(self._drain_forever, what="chat relay",
-                               position=lambda: f"outbox row {self._cursor}")
+        self._tailer = Tailer(self._outbox, hub, what="chat relay", unit="outbox row",
+                              batch=_BATCH)
 
-    async def _drain_forever(self) -> None:
-        while True:
-            self._wake.clear()
-            rows = await self._store.outbox_after(self._cursor, _BATCH)
-            if not rows:
-                await self._wake.wait()
-                continue
-            published = self._cursor
-            for row in rows:
-                await self._hub.publish(Update.create(
-                    [row.topic], row.data, id=self.update_id(row.seq), private=True))
-                published = row.seq
-            await self._store.outbox_done(published)
-            self._cursor = published
+    def wake(self) -> None:
+        self._tailer.wake()
+
+    async def start(self) -> None:
+        self._tailer.start()
+
+    async def stop(self) -> None:
+        await self._tailer.stop()
+
+    def update_id(self, seq: int) -> str:
+        return self._outbox.update_id(seq)
+
+    async def resume_id(self, position: int) -> str:
+        """The id to subscribe after (Last-Event-ID) for a read that reflects the outbox
+        through `position`: the update of that row, once the hub holds it (a subscriber
+        naming an id the hub does not know yet would be replayed everything), or
+        `earliest` when the outbox never had a row. ServiceUnavailable when the relay is
+        not there in time."""
+        if position == 0:
+            return EARLIEST
+        await self._tailer.wait_published(
+            position, self._outbox.saved, timeout_s=_WAIT_S,
+            poll_s=self._outbox.store.database.standby_poll_s)
+        return self.update_id(position)
+
+
+class _Outbox:
+    """The outbox as the relay's tailer reads it (`tailer.Source`)."""
+
+    def __init__(self, store: ChatStore) -> None:
+        self.store = store
+        self._found = False  # the last read found rows
+
+    def update_id(self, seq: int) -> str:
+        return f"chat-{self.store.epoch}-{seq}"
+
+    async def saved(self) -> int:
+        return await self.store.cursor()
+
+    @contextlib.asynccontextmanager
+    async def lead(self, wake: asyncio.Event) -> AsyncIterator[int]:
+        async with self.store.database.lead(wake):
+            self._found = False
+            yield await self.store.cursor()
+
+    async def read(self, after: int, limit: int) -> list[Entry]:
+        rows = await self.store.relay_read(after, limit)
+        self._found = bool(rows)
+        return [
+            (row.seq, Update.create([row.topic], row.data, id=self.update_id(row.seq),
+                                    private=True))
+            for row in rows
+        ]
+
+    async def save(self, cursor: int) -> None:
+        await self.store.relay_done(cursor)
+
+    async def wait(self, wake: asyncio.Event) -> None:
+        await self.store.database.wait(wake, self._found)

@@ -16,6 +16,13 @@ wait in the socket, and the next read takes them all.
 A reply always ends: the endpoint's errors, silence past `--assistant-timeout`, the asker's
 Stop, a restart (replies still streaming at start are marked failed) and shutdown each
 store a final state. No polling: one task per reply, cancelled to stop it.
+
+On several processes (`cluster.py`) the process streaming a reply claims it: a process
+that starts marks failed only the streaming replies nobody claims, and the replies of a
+killed process end as failed when the sweep finds it gone. Stop pressed on a window
+served by another process reaches the streaming one as a message on the cluster's
+channel; the stopping process waits for "ended" (or, if the owner is gone, ends the reply
+itself).
 """
 
 from __future__ import annotations
@@ -25,12 +32,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tidings.chat.assistant import AssistantClient, AssistantConfig, AssistantFailed
 from tidings.chat.errors import InvalidInput, NotAllowed, UnknownMessage
 from tidings.chat.model import ASSISTANT, MAX_MESSAGE_LENGTH, Conversation, Message
 from tidings.chat.store import ChatStore
 from tidings.errors import ServiceUnavailable, TidingsError
+
+if TYPE_CHECKING:
+    from tidings.chat.cluster import Cluster, Expired
 
 __all__ = ["NOT_CONFIGURED", "Replies"]
 
@@ -40,6 +51,9 @@ NOT_CONFIGURED = ("Sorry, no assistant is configured on this server. (Whoever ru
                   "start it with --assistant-url, see docs/chat.md.)")
 _MAX_RUNNING = 16
 _MAX_REPLY_S = 600.0
+# How long Stop waits for another process to end the reply it streams.
+_STOP_WAIT_S = 5.0
+_CLAIM = "reply"
 _SYSTEM = ("You are the assistant in the chat room #{room}. Each message from a person "
            "starts with their username and a colon. Answer briefly, in plain text.")
 
@@ -53,11 +67,18 @@ class _Running:
 
 
 class Replies:
-    def __init__(self, store: ChatStore, config: AssistantConfig | None) -> None:
+    def __init__(self, store: ChatStore, config: AssistantConfig | None,
+                 cluster: Cluster | None = None) -> None:
         self._store = store
         self.config = config or AssistantConfig()
         self._client: AssistantClient | None = None
         self._running: dict[int, _Running] = {}
+        self._cluster = cluster
+        # Stops asked of other processes, waiting for their "ended".
+        self._ending: dict[int, asyncio.Event] = {}
+        if cluster is not None:
+            cluster.on_message(self._received)
+            cluster.on_expired(self._expired)
 
     @property
     def configured(self) -> bool:
@@ -66,9 +87,12 @@ class Replies:
     async def start(self) -> None:
         if self.configured:
             self._client = AssistantClient(self.config)
-        for message_id in await self._store.streaming_replies():
-            await self._store.finish_reply(message_id, "failed",
-                                           "interrupted: the server restarted")
+        streaming = await self._store.streaming_replies()
+        if self._cluster is not None:  # only those no live process is streaming
+            streaming = [int(i) for i in await self._cluster.claim(
+                _CLAIM, [str(i) for i in streaming])]
+        for message_id in streaming:
+            await self._finish(message_id, "failed", "interrupted: the server restarted")
 
     async def stop(self) -> None:
         running = list(self._running.values())
@@ -88,7 +112,7 @@ class Replies:
     async def context(self, conversation: Conversation, before: int | None) -> list[
             dict[str, str]]:
         """The room's latest messages (before id `before`) as chat messages, oldest first."""
-        history = await self._store.history(conversation, before, self.config.history)
+        history, _ = await self._store.history(conversation, before, self.config.history)
         messages = [{"role": "system", "content": _SYSTEM.format(room=conversation.room)}]
         for message in reversed(history):
             if message.sender == ASSISTANT:
@@ -113,6 +137,8 @@ class Replies:
                 conversation, asker, question.id, "", "failed",
                 "the assistant is busy with other replies; ask again in a moment")
         message = await self._store.start_reply(conversation, asker, question.id)
+        if self._cluster is not None:
+            await self._cluster.claim(_CLAIM, [str(message.id)])
         task = asyncio.create_task(self._run(message, self._client),
                                    name=f"tidings-assistant-{message.id}")
         self._running[message.id] = _Running(task, asker, conversation)
@@ -155,8 +181,47 @@ class Replies:
     async def _finish(self, message_id: int, state: str, note: str | None) -> None:
         try:
             await self._store.finish_reply(message_id, state, note)
+            if self._cluster is not None:
+                await self._cluster.release(_CLAIM, str(message_id))
+                await self._cluster.send("ended", str(message_id))
         except TidingsError as exc:  # the database went away: the next start marks it
             log.warning("assistant: could not end reply %s: %s", message_id, exc)
+
+    # -- across processes -----------------------------------------------------------------
+
+    def _received(self, kind: str, argument: str) -> None:
+        if kind == "ended":
+            event = self._ending.get(_int(argument))
+            if event is not None:
+                event.set()
+        elif kind == "stop":
+            message_id, _, user = argument.partition(" ")
+            running = self._running.get(_int(message_id))
+            if running is not None and running.asker == user and not running.cancelled_by:
+                running.cancelled_by = user
+                running.task.cancel()
+
+    async def _expired(self, leftovers: Expired) -> None:
+        for kind, item in leftovers.claims:
+            if kind == _CLAIM:
+                await self._finish(_int(item), "failed",
+                                   "interrupted: the server writing it stopped")
+
+    async def _stop_elsewhere(self, me: str, message: Message) -> Message:
+        """Stop a reply another process streams: ask it on the cluster's channel and wait
+        for it to end; if it does not in time (the process is gone or stuck), end it here
+        (the first end wins)."""
+        if self._cluster is None:
+            return message
+        ended = self._ending.setdefault(message.id, asyncio.Event())
+        try:
+            await self._cluster.send("stop", f"{message.id} {me}")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STOP_WAIT_S):
+                    await ended.wait()
+        finally:
+            self._ending.pop(message.id, None)
+        return await self._store.finish_reply(message.id, "cancelled", f"stopped by {me}")
 
     async def cancel(self, me: str, conversation: Conversation, message_id: int) -> Message:
         """Stop a reply (its asker only); it keeps the text it has, marked cancelled. A
@@ -168,6 +233,8 @@ class Replies:
                 raise UnknownMessage(f"no reply {message_id} here")
             if message.reply.asker != me:
                 raise NotAllowed("only the person who asked can stop this reply")
+            if message.reply.state == "streaming":
+                return await self._stop_elsewhere(me, message)
             return message
         if running.conversation != conversation:
             raise UnknownMessage(f"no reply {message_id} here")
@@ -191,3 +258,7 @@ class Replies:
         messages.append({"role": "user", "content": f"{me}: {prompt}"})
         async with asyncio.timeout(_MAX_REPLY_S), self._client.stream(messages) as pieces:
             yield pieces
+
+
+def _int(text: str) -> int:
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else -1

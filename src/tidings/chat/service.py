@@ -6,6 +6,10 @@ The path of a message: `post()` validates it and charges the sender's rate limit
 store commits the message and its `message.created` update (the outbox) together, the
 relay publishes that update through the hub, and the hub fans it out to every window
 subscribed to the conversation's topic, or replays it to one that resumes.
+
+With its tables in PostgreSQL the chat runs on several processes (`cluster.py`): presence
+(`shared_presence.py`), the rate limits (`limits.py`), the assistant's replies and the
+exports are then shared through the database; on SQLite they stay in this process.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tidings.chat import events
 from tidings.chat.accounts import Passwords, Session, SessionTokens
@@ -32,6 +37,7 @@ from tidings.chat.errors import (
     UnknownUser,
 )
 from tidings.chat.exports import FORMATS, Exports
+from tidings.chat.limits import LocalLimit, RateLimit, SharedLimit
 from tidings.chat.model import (
     ASSISTANT,
     MAX_MESSAGE_LENGTH,
@@ -43,13 +49,13 @@ from tidings.chat.model import (
     check_password,
     check_room_name,
     check_username,
+    is_shared_db,
     mentions,
     notifications_topic,
     now_iso,
     subscribe_selectors,
 )
-from tidings.chat.presence import Connection, PresenceTracker
-from tidings.chat.ratelimit import SlidingWindow
+from tidings.chat.presence import Connection, Presence, PresenceTracker
 from tidings.chat.relay import Relay
 from tidings.chat.replies import Replies
 from tidings.chat.store import ChatStore, TaskRow, UserRow
@@ -57,6 +63,9 @@ from tidings.errors import ServiceUnavailable, TidingsError
 from tidings.hub.auth import KeyConfig
 from tidings.hub.hub import Hub
 from tidings.hub.update import Update
+
+if TYPE_CHECKING:
+    from tidings.chat.cluster import Cluster
 
 __all__ = ["ChatConfig", "ChatService"]
 
@@ -78,6 +87,9 @@ class ChatConfig:
     presence_grace_s: float = 2.0
     # A user's typing updates in one conversation go out at most this often.
     typing_interval_s: float = 1.0
+    # Several processes (PostgreSQL): how often each one says it is alive; one that has
+    # not for two heartbeats is gone (its users offline, its replies and exports taken over).
+    heartbeat_s: float = 3.0
     # The assistant's endpoint (None or no url: `@assistant` says none is configured).
     assistant: AssistantConfig | None = None
 
@@ -94,11 +106,26 @@ class ChatService:
         self.passwords = Passwords()
         self.store = ChatStore(config.db_url, on_write=self._wake_relay)
         self.relay = Relay(self.store, hub)
-        self.presence = PresenceTracker(self._announce_presence, config.presence_grace_s)
-        self.exports = Exports(self.store)
-        self.replies = Replies(self.store, config.assistant)
-        self.limiter = SlidingWindow(config.rate_messages, config.rate_window_s)
-        self.login_limiter = SlidingWindow(_LOGIN_ATTEMPTS, _LOGIN_WINDOW_S)
+        self.cluster: Cluster | None = None
+        self.presence: Presence
+        self.limiter: RateLimit
+        self.login_limiter: RateLimit
+        if is_shared_db(config.db_url):
+            from tidings.chat.cluster import Cluster, ClusterConfig
+            from tidings.chat.shared_presence import SharedPresence
+            self.cluster = cluster = Cluster(ClusterConfig(config.db_url, config.heartbeat_s))
+            self.presence = SharedPresence(cluster, self._announce_presence,
+                                           config.presence_grace_s)
+            self.limiter = SharedLimit(cluster, "post", config.rate_messages,
+                                       config.rate_window_s)
+            self.login_limiter = SharedLimit(cluster, "login", _LOGIN_ATTEMPTS,
+                                             _LOGIN_WINDOW_S)
+        else:
+            self.presence = PresenceTracker(self._announce_presence, config.presence_grace_s)
+            self.limiter = LocalLimit(config.rate_messages, config.rate_window_s)
+            self.login_limiter = LocalLimit(_LOGIN_ATTEMPTS, _LOGIN_WINDOW_S)
+        self.exports = Exports(self.store, cluster=self.cluster)
+        self.replies = Replies(self.store, config.assistant, self.cluster)
         self._rooms: set[str] = set()
         self._typing: dict[tuple[str, str], float] = {}
 
@@ -106,11 +133,14 @@ class ChatService:
         self.relay.wake()
 
     async def start(self) -> None:
-        if self.store.path == ":memory:" and not self.config.db_url.startswith("memory:"):
+        if self.store.ephemeral and not self.config.db_url.startswith("memory:"):
             log.warning("chat: its tables are SQLite; with --db %s they are kept in memory "
                         "and lost at a restart", self.config.db_url.split("://", 1)[0] + "://")
         await self.store.start()
         self._rooms = await self.store.room_names()
+        if self.cluster is not None:
+            await self.cluster.start()
+        await self.presence.start()
         await self.relay.start()
         await self.exports.start()
         await self.replies.start()
@@ -122,6 +152,8 @@ class ChatService:
         await self.presence.close()
         await self.replies.stop()
         await self.exports.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.relay.stop()
         await self.store.stop()
 
@@ -149,7 +181,7 @@ class ChatService:
             raise InvalidInput("username" if not isinstance(username, str) else "password",
                                "username and password are required strings")
         name = username.strip().lower()[:64]
-        wait_s = self.login_limiter.hit(name)
+        wait_s = await self.login_limiter.hit(name)
         if wait_s:
             raise RateLimited("too many sign-in attempts; try again later", wait_s)
         user = await self.store.user(name)
@@ -201,24 +233,28 @@ class ChatService:
         }
 
     async def users(self) -> list[dict[str, object]]:
-        return [{"username": name, "created_at": created,
-                 "online": self.presence.registry.is_online(name)}
-                for name, created in await self.store.users()]
+        users = await self.store.users()
+        online = await self.presence.online_among(name for name, _ in users)
+        return [{"username": name, "created_at": created, "online": name in online}
+                for name, created in users]
 
     # -- conversations ----------------------------------------------------------------------
 
-    def room_name(self, name: str) -> str:
-        """A room named in a URL, checked (404 when there is none)."""
+    async def room_name(self, name: str) -> str:
+        """A room named in a URL, checked (404 when there is none). A name this process
+        does not know is looked up once more (another process may have created it)."""
         try:
             checked = check_room_name(name)
         except InvalidInput:
             raise UnknownRoom(f"no room named {name!r}") from None
+        if checked not in self._rooms and self.cluster is not None:
+            self._rooms = await self.store.room_names()
         if checked not in self._rooms:
             raise UnknownRoom(f"no room named {name!r}")
         return checked
 
-    def room(self, name: str) -> Conversation:
-        return Conversation.of_room(self.room_name(name))
+    async def room(self, name: str) -> Conversation:
+        return Conversation.of_room(await self.room_name(name))
 
     async def dm(self, me: str, other: str) -> Conversation:
         """The direct conversation with a user named in a URL (404 when there is none)."""
@@ -233,39 +269,40 @@ class ChatService:
     async def rooms(self, me: str) -> list[dict[str, object]]:
         rooms = await self.store.rooms(me)
         for room in rooms:
-            room["online"] = self.presence.online(str(room["name"]))
+            room["online"] = await self.presence.who(str(room["name"]))
         return rooms
 
     async def room_info(self, me: str, name: str) -> dict[str, object]:
-        room = self.room_name(name)
+        room = await self.room_name(name)
         info = await self.store.room(room, me)
-        info["online"] = self.presence.online(room)
+        info["online"] = await self.presence.who(room)
         return info
 
     async def create_room(self, me: str, name: object) -> dict[str, object]:
         checked = check_room_name(name)
         info = await self.store.create_room(checked, me)
         self._rooms.add(checked)
-        info["online"] = self.presence.online(checked)
+        info["online"] = await self.presence.who(checked)
         return info
 
     async def join(self, me: str, name: str) -> dict[str, object]:
-        return await self.store.join(self.room_name(name), me)
+        return await self.store.join(await self.room_name(name), me)
 
     async def leave(self, me: str, name: str) -> dict[str, object]:
-        return await self.store.leave(self.room_name(name), me)
+        return await self.store.leave(await self.room_name(name), me)
 
     async def members(self, name: str) -> list[str]:
-        return await self.store.members(self.room_name(name))
+        return await self.store.members(await self.room_name(name))
 
-    def presence_of(self, name: str) -> dict[str, object]:
-        room = self.room_name(name)
-        return {"room": room, "online": self.presence.online(room)}
+    async def presence_of(self, name: str) -> dict[str, object]:
+        room = await self.room_name(name)
+        return {"room": room, "online": await self.presence.who(room)}
 
     async def dms(self, me: str) -> list[dict[str, object]]:
         conversations = await self.store.dms(me)
+        online = await self.presence.online_among(str(c["user"]) for c in conversations)
         for conversation in conversations:
-            conversation["online"] = self.presence.registry.is_online(str(conversation["user"]))
+            conversation["online"] = conversation["user"] in online
         return conversations
 
     # -- messages -------------------------------------------------------------------------------
@@ -275,7 +312,7 @@ class ChatService:
         ask = conversation.room is not None and ASSISTANT in mentions(text)
         if ask:
             self.replies.check_prompt(text, "content")
-        wait_s = self.limiter.hit(me)
+        wait_s = await self.limiter.hit(me)
         if wait_s:
             raise RateLimited(
                 f"at most {self.limiter.limit} messages in {self.limiter.window_s:g} s; "
@@ -295,7 +332,7 @@ class ChatService:
                            message_id: str) -> Message:
         return await self.replies.cancel(me, conversation, self._message_id(message_id))
 
-    def private_reply(self, me: str, conversation: Conversation,
+    async def private_reply(self, me: str, conversation: Conversation,
                       prompt: object) -> contextlib.AbstractAsyncContextManager[
                           AsyncIterator[str]]:
         """Check a question for the assistant (422, 429, 503 when none is configured)
@@ -305,7 +342,7 @@ class ChatService:
         self.replies.check_prompt(prompt, "prompt")
         if not self.replies.configured:
             raise ServiceUnavailable("no assistant is configured on this server")
-        wait_s = self.limiter.hit(me)
+        wait_s = await self.limiter.hit(me)
         if wait_s:
             raise RateLimited(
                 f"at most {self.limiter.limit} messages in {self.limiter.window_s:g} s; "
@@ -314,18 +351,24 @@ class ChatService:
 
     async def history(self, conversation: Conversation, before: str | None,
                       limit: str | None) -> dict[str, object]:
-        """Newest first; `next_before` continues with older messages (None: no more)."""
+        """Newest first; `next_before` continues with older messages (None: no more).
+
+        `last_event_id` is the hub update the page reflects, read with the messages: a
+        window that subscribes with it as Last-Event-ID gets every update after the page
+        and none it already has, also in the middle of an assistant reply (the stored
+        text is exactly the deltas through that update)."""
         cursor = _positive_int(before, "before") if before else None
         size = _positive_int(limit, "limit") if limit else _DEFAULT_PAGE
         if size > _MAX_PAGE:
             raise InvalidInput("limit", f"limit is at most {_MAX_PAGE}")
-        messages = await self.store.history(conversation, cursor, size + 1)
+        messages, position = await self.store.history(conversation, cursor, size + 1)
         more = len(messages) > size
         messages = messages[:size]
         return {
             **conversation.fields(),
             "messages": [message.to_json() for message in messages],
             "next_before": messages[-1].id if more and messages else None,
+            "last_event_id": await self.relay.resume_id(position),
         }
 
     @staticmethod
@@ -344,8 +387,9 @@ class ChatService:
         return await self.store.delete(self._message_id(message_id), me, expected)
 
     async def mark_read(self, me: str, conversation: Conversation, up_to: object) -> int:
+        # A message id is an SQLite rowid: a signed 64-bit integer.
         if up_to is not None and (not isinstance(up_to, int) or isinstance(up_to, bool)
-                                  or up_to < 0):
+                                  or not 0 <= up_to < 2**63):
             raise InvalidInput("id", "id must be a message id")
         return await self.store.mark_read(me, conversation, up_to)
 
@@ -379,10 +423,16 @@ class ChatService:
         except NoSession:
             return None
 
-    def stream_opened(self, user: str, topics: list[str]) -> Connection:
+    async def stream_rooms(self, topics: list[str]) -> list[str]:
+        """The rooms a subscription's topics name (`/chat/rooms/NAME`) that exist."""
         rooms = [topic.removeprefix("/chat/rooms/") for topic in topics
                  if topic.startswith("/chat/rooms/")]
-        return self.presence.connect(user, [room for room in rooms if room in self._rooms])
+        if self.cluster is not None and not self._rooms.issuperset(rooms):
+            self._rooms = await self.store.room_names()  # created on another process?
+        return [room for room in rooms if room in self._rooms]
+
+    def stream_opened(self, user: str, rooms: list[str]) -> Connection:
+        return self.presence.connect(user, rooms)
 
     def stream_closed(self, connection: Connection) -> None:
         self.presence.disconnect(connection)
@@ -414,7 +464,7 @@ class ChatService:
         return {"user": name, "topic": notifications_topic(name), **fields}
 
     async def export(self, me: str, room: str, fmt: object) -> TaskRow:
-        name = self.room_name(room)
+        name = await self.room_name(room)
         if fmt is None:
             fmt = "json"
         if fmt not in FORMATS:

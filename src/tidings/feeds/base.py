@@ -3,13 +3,15 @@
 A *collection* is a table Tidings watches. Triggers (or the database's own mechanism)
 append every change, by any writer, to a change log in the same transaction; the feed
 tails that log and publishes each change through the hub as a MongoDB-shaped change event
-whose SSE id is the change's resume token. The SQLite feed lives in `feeds/sqlite.py`,
-the PostgreSQL feed (triggers + LISTEN/NOTIFY as a wake-up) in `feeds/postgres.py`.
+whose SSE id is the change's resume token. The SQLite feed lives in `feeds/sqlite/`,
+the PostgreSQL feed (a trigger log cut into batches by transaction snapshots) in
+`feeds/postgres/`.
 
 The contract an implementation keeps:
 
-* Change-log order is commit order, and `seq` only grows (never reused, even after the
-  log is pruned empty), so a token names one position forever.
+* Positions only grow (never reused, even after the log is pruned empty), so a token
+  names one position forever. A transaction's changes are together and in statement
+  order, and one that committed before another began comes first (SQLite: commit order).
 * The tailer publishes each change with `ResumeToken(epoch, seq)` as the update id and
   data built only from the stored row (`events.change_update`), then saves its cursor
   after the hub acknowledged: a republish after a crash is an identical update, which the
@@ -22,13 +24,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeAlias, runtime_checkable
 
 from tidings.feeds.config import CollectionConfig
-from tidings.feeds.events import JSONObject, ResumeToken
+from tidings.feeds.events import JSONObject, ResumeToken, StreamToken
 from tidings.feeds.query import ListQuery
 
-__all__ = ["ChangeFeed", "Page", "ResumePoint", "Retention", "Snapshot", "WriteResult"]
+__all__ = [
+    "ChangeFeed",
+    "CollectionResolver",
+    "FeedStatus",
+    "Page",
+    "ResumePoint",
+    "Retention",
+    "Snapshot",
+    "StatusReporting",
+    "Token",
+    "WriteResult",
+    "resolve_in",
+]
+
+# A position a client resumes after: a change log's `EPOCH.SEQ`, or the resume token of a
+# database's own change stream (MongoDB).
+Token: TypeAlias = ResumeToken | StreamToken
 
 
 # -- values --------------------------------------------------------------------------
@@ -49,7 +67,7 @@ class WriteResult:
     and the token of the change it made."""
 
     document: JSONObject
-    token: ResumeToken
+    token: Token
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +75,7 @@ class Snapshot:
     """One document as read, and the token of the moment it was read."""
 
     document: JSONObject
-    token: ResumeToken
+    token: Token
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +85,7 @@ class Page:
 
     documents: tuple[JSONObject, ...]
     next_cursor: str | None
-    token: ResumeToken
+    token: Token
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +94,40 @@ class ResumePoint:
 
     `last_event_id` is what to hand to `Hub.connect` so that its replay starts at or
     before the first change after `token` (the token itself, or `earliest` for the very
-    beginning); a watcher drops anything at or below `token.seq` (`floor`).
+    beginning); a watcher drops anything at or below `token.seq` (`floor`; 0 for a
+    stream token, which the hub's history resolves exactly).
     """
 
-    token: ResumeToken
+    token: Token
     last_event_id: str
     floor: int = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "floor", self.token.seq)
+        floor = self.token.seq if isinstance(self.token, ResumeToken) else 0
+        object.__setattr__(self, "floor", floor)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedStatus:
+    """What a feed tells operators (`/metrics`): known without any I/O."""
+
+    backend: str  # "postgresql", "sqlite"
+    capture: str  # how it captures changes, e.g. "snapshot-ordered log"
+    leading: bool  # this process tails the change log (else another one does)
+    published: int  # the newest position this process's tailer published
+    # How long the oldest change the tailer has read but not yet published has waited;
+    # None when not measured (not leading, or a backend that does not say).
+    lag_s: float | None
+    # Logical decoding: the bytes of WAL its replication slot holds behind the server's
+    # current position (None: no slot, or not this process's to read).
+    slot_lag_bytes: int | None = None
+
+
+@runtime_checkable
+class StatusReporting(Protocol):
+    """A feed that reports its status (optional, beside `ChangeFeed`)."""
+
+    def status(self) -> FeedStatus: ...
 
 
 class ChangeFeed(Protocol):
@@ -146,3 +189,18 @@ class ChangeFeed(Protocol):
     async def prune(self) -> int:
         """Apply retention now; returns how many changes were removed."""
         ...
+
+
+@runtime_checkable
+class CollectionResolver(Protocol):
+    """A feed whose tokens belong to one collection each (a change stream per collection,
+    as MongoDB's): it resolves a token for the collection a watch names."""
+
+    async def resolve_in(self, name: str, token: str) -> ResumePoint: ...
+
+
+async def resolve_in(feed: ChangeFeed, name: str, token: str) -> ResumePoint:
+    """Where a watch of collection `name` resumes after `token` (see `resolve`)."""
+    if isinstance(feed, CollectionResolver):
+        return await feed.resolve_in(name, token)
+    return await feed.resolve(token)

@@ -8,6 +8,11 @@ Events are shaped like MongoDB change events (as JSON):
      "updateDescription": {"updatedFields": {...}, "removedFields": [...]},  # update only
      "wallTime": "2024-05-01T12:00:00.123Z"}
 
+and, when the whole table was emptied at once (PostgreSQL's TRUNCATE; MongoDB's nearest
+are `drop` and `invalidate`), one event with no documentKey, on the collection's topic:
+
+    {"_id": {"_data": TOKEN}, "operationType": "truncate", "ns": {...}, "wallTime": "..."}
+
 Everything here is a function of the stored row, so republishing a row after a crash
 builds the very same update (same id, same data), which the transport stores once.
 """
@@ -31,6 +36,7 @@ __all__ = [
     "JSONValue",
     "Operation",
     "ResumeToken",
+    "StreamToken",
     "change_event",
     "change_update",
     "collection_topic",
@@ -44,8 +50,8 @@ JSONValue: TypeAlias = (
     "bool | int | float | str | list[JSONValue] | dict[str, JSONValue] | None"
 )
 JSONObject: TypeAlias = "dict[str, JSONValue]"
-Operation = Literal["insert", "update", "replace", "delete"]
-OPERATIONS: tuple[Operation, ...] = ("insert", "update", "replace", "delete")
+Operation = Literal["insert", "update", "replace", "delete", "truncate"]
+OPERATIONS: tuple[Operation, ...] = ("insert", "update", "replace", "delete", "truncate")
 
 _TOKEN = re.compile(r"([0-9a-f]{8,32})\.(0|[1-9][0-9]{0,18})")
 
@@ -71,6 +77,29 @@ class ResumeToken:
         if match is None:
             raise UnknownToken(f"malformed resume token {text[:80]!r}")
         return cls(match.group(1), int(match.group(2)))
+
+
+# A change stream's resume token as Tidings passes it on: MongoDB's `_data` (hex), or
+# another server's opaque text; never whitespace, quotes or control characters.
+_STREAM_TOKEN = re.compile(r"[A-Za-z0-9:._~+/=-]{1,1024}")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamToken:
+    """A position in a database's own change stream (MongoDB's resume token `_data`),
+    used as is: the update id of the change, and what a watch resumes after."""
+
+    data: str
+
+    def __str__(self) -> str:
+        return self.data
+
+    @classmethod
+    def parse(cls, text: str) -> StreamToken:
+        """Raises UnknownToken (400) for anything that cannot be a resume token."""
+        if not _STREAM_TOKEN.fullmatch(text):
+            raise UnknownToken(f"malformed resume token {text[:80]!r}")
+        return cls(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +194,9 @@ def change_event(row: ChangeRow, *, db: str, token: ResumeToken) -> JSONObject:
         "_id": {"_data": str(token)},
         "operationType": row.operation,
         "ns": {"db": db, "coll": row.collection},
-        "documentKey": dict(row.key),
     }
+    if row.operation != "truncate":  # every document went: there is no one key
+        event["documentKey"] = dict(row.key)
     if row.operation != "delete" and row.new is not None:
         event["fullDocument"] = dict(row.new)
     if row.operation == "update":
@@ -180,7 +210,9 @@ def change_update(row: ChangeRow, *, db: str, epoch: str, private: bool) -> Upda
     the change's resume token as its id. A function of the row only (see module doc)."""
     token = ResumeToken(epoch, row.seq)
     event = change_event(row, db=db, token=token)
-    topics = [collection_topic(row.collection), document_topic(row.collection, row.key)]
+    topics = [collection_topic(row.collection)]
+    if row.operation != "truncate":
+        topics.append(document_topic(row.collection, row.key))
     if row.operation in ("update", "replace") and row.old is not None:
         # A key changed by an UPDATE: readers of the old document's topic see it go.
         old_key = {name: row.old.get(name) for name in row.key}

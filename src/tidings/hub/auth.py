@@ -1,10 +1,10 @@
-"""JWT authorization for the hub: find the token, verify it, turn its claims into matchers.
+"""JWT authorization for the hub: verify a token, turn its claims into matchers.
 
-There is no HTTP in here. The web layer hands `token_from_request` the request's headers,
-cookies and query string, passes the token to `decode_token`, and asks the resulting
-`Claims` whether the request may publish (`may_publish`) or read a private update
-(`may_read_private`). Failures raise `Unauthorized` (401, the token itself is bad);
-deciding that a *valid* token does not cover a request (403) is the caller's job.
+There is no HTTP in here. The web layer finds the token on a request (`web/access.py`),
+passes it to `decode_token`, and asks the resulting `Claims` whether the request may
+publish (`may_publish`) or read a private update (`may_read_private`). Failures raise
+`Unauthorized` (401, the token itself is bad); deciding that a *valid* token does not
+cover a request (403) is the caller's job. Minting tokens is `hub/tokens.py`'s.
 """
 
 # What the Mercure reference material says (read from dunglas/mercure: spec/mercure.md
@@ -51,12 +51,7 @@ deciding that a *valid* token does not cover a request (403) is the caller's job
 #   matching topic. Publishing needs a grant on every topic of the update, which the
 #   reference checks with `grantsAll`.
 #
-# * Token transport (reference hub, compatibility mode): an `Authorization: Bearer <jwt>`
-#   header (scheme case-insensitive, anything else is a 400/401), then the 0.x
-#   `authorization` query parameter, then the cookie (`__Secure-mercure_access_token` in
-#   1.0, with `mercureAuthorization` as the 0.x fallback). Draft-08 uses the same order,
-#   with `access_token` as the name of the query parameter. The reference hub refuses that
-#   parameter (RFC 9700), and it is not accepted here either.
+# * How a request carries its token: see `token_from_request` in web/access.py.
 #
 # Decisions taken here where the sources leave room:
 #
@@ -73,15 +68,13 @@ deciding that a *valid* token does not cover a request (403) is the caller's job
 
 from __future__ import annotations
 
-import math
-import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import jwt
 
@@ -89,16 +82,16 @@ from tidings.errors import BadRequest, Unauthorized
 from tidings.hub.topics import Matcher, Selector, SelectorKind, compile_selector
 
 __all__ = [
+    "DETAIL_TYPE",
+    "LEGACY_CLAIM",
     "Claims",
     "KeyConfig",
     "decode_token",
-    "encode_token",
-    "token_from_request",
 ]
 
-# The `type` written by encode_token and the spellings accepted by decode_token.
-_DETAIL_TYPE = "https://mercure.rocks/authorization-detail"
-_DETAIL_TYPES = frozenset({_DETAIL_TYPE, "mercure"})
+# The `type` written by encode_token (hub/tokens.py) and the spellings accepted here.
+DETAIL_TYPE = "https://mercure.rocks/authorization-detail"
+_DETAIL_TYPES = frozenset({DETAIL_TYPE, "mercure"})
 _MATCH_TYPES: Mapping[str, SelectorKind] = {
     "exact": "match",
     "Exact": "match",
@@ -106,12 +99,8 @@ _MATCH_TYPES: Mapping[str, SelectorKind] = {
     "URLPattern": "urlpattern",
 }
 _ACTIONS = frozenset({"publish", "subscribe"})
-_LEGACY_CLAIM = "mercure"
+LEGACY_CLAIM = "mercure"
 _LEGACY_NAMESPACED_CLAIM = "https://mercure.rocks/"
-
-_COOKIE_NAME = "__Secure-mercure_access_token"
-_LEGACY_COOKIE_NAME = "mercureAuthorization"
-_LEGACY_QUERY_PARAM = "authorization"
 
 # Every selector in a token is compiled at decode time (URL patterns are not free), so the
 # count is capped, at the 1000 the reference hub allows in one token.
@@ -121,9 +110,18 @@ _MAX_SELECTORS = 1000
 _MAX_TOKEN_LENGTH = 64 * 1024
 _LEEWAY_S = 0.0
 _CACHE_SIZE = 2048
-
-# RFC 6750 `b64token` after a case-insensitive `Bearer` scheme (RFC 9110 section 11.1).
-_BEARER = re.compile(r"(?i:bearer) +([A-Za-z0-9\-._~+/]+=*)[ \t]*")
+# PyJWT's refusals, a subclass before its base (InvalidSignatureError is a DecodeError),
+# and what the client is told; `{error}` is PyJWT's own detail. Others: "invalid token".
+_REFUSALS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.ExpiredSignatureError, "token has expired"),
+    (jwt.ImmatureSignatureError, "token is not valid yet (nbf)"),
+    (jwt.InvalidSignatureError, "token signature verification failed"),
+    (jwt.InvalidAlgorithmError, "token algorithm is not allowed: {error}"),
+    (jwt.InvalidAudienceError, "token audience is wrong: {error}"),
+    (jwt.InvalidIssuerError, "token issuer is wrong: {error}"),
+    (jwt.MissingRequiredClaimError, "token lacks a required claim: {error}"),
+    (jwt.DecodeError, "malformed token: {error}"),
+)
 
 # Looked up through the module so tests can move time without sleeping.
 _clock: Callable[[], float] = time.time
@@ -240,6 +238,14 @@ def _is_expired(expires_at: float | None, now: float) -> bool:
     return expires_at is not None and expires_at <= now - _LEEWAY_S
 
 
+def _refusal(error: jwt.PyJWTError) -> str:
+    """What the client is told about a token PyJWT refused."""
+    for kind, message in _REFUSALS:
+        if isinstance(error, kind):
+            return message.format(error=error)
+    return f"invalid token: {error}"
+
+
 def decode_token(token: str, key: KeyConfig) -> Claims:
     """Verify `token` with `key` and return what it allows.
 
@@ -281,24 +287,8 @@ def decode_token(token: str, key: KeyConfig) -> Claims:
             leeway=_LEEWAY_S,
             options={"verify_aud": key.audience is not None, "verify_iat": False},
         )
-    except jwt.ExpiredSignatureError as e:
-        raise Unauthorized("token has expired") from e
-    except jwt.ImmatureSignatureError as e:
-        raise Unauthorized("token is not valid yet (nbf)") from e
-    except jwt.InvalidSignatureError as e:
-        raise Unauthorized("token signature verification failed") from e
-    except jwt.InvalidAlgorithmError as e:
-        raise Unauthorized(f"token algorithm is not allowed: {e}") from e
-    except jwt.InvalidAudienceError as e:
-        raise Unauthorized(f"token audience is wrong: {e}") from e
-    except jwt.InvalidIssuerError as e:
-        raise Unauthorized(f"token issuer is wrong: {e}") from e
-    except jwt.MissingRequiredClaimError as e:
-        raise Unauthorized(f"token lacks a required claim: {e}") from e
-    except jwt.DecodeError as e:
-        raise Unauthorized(f"malformed token: {e}") from e
     except jwt.PyJWTError as e:
-        raise Unauthorized(f"invalid token: {e}") from e
+        raise Unauthorized(_refusal(e)) from e
 
     claims = _claims_from_payload(payload)
     # PyJWT checked exp against its own clock; re-check against ours so a token that
@@ -313,7 +303,12 @@ def _claims_from_payload(payload: Mapping[str, Any]) -> Claims:
     """Turn a verified JWT payload into Claims, rejecting any malformed Mercure claim."""
     exp = payload.get("exp")
     # PyJWT has already refused a non-numeric exp; bool is excluded since it is an int.
-    expires_at = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+    expires_at = None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        try:
+            expires_at = float(exp)
+        except OverflowError:  # an integer beyond any date a float can hold
+            raise Unauthorized('the "exp" claim is out of range') from None
     sub = payload.get("sub")
     if sub is not None and not isinstance(sub, str):
         raise Unauthorized('the "sub" claim must be a string')
@@ -327,7 +322,7 @@ def _claims_from_payload(payload: Mapping[str, Any]) -> Claims:
     else:
         legacy = payload.get(_LEGACY_NAMESPACED_CLAIM)
         if legacy is None:
-            legacy = payload.get(_LEGACY_CLAIM)
+            legacy = payload.get(LEGACY_CLAIM)
         publish, subscribe, grant_payload = _from_mercure_claim(legacy, budget)
 
     return Claims(
@@ -457,122 +452,3 @@ def _match_kind(value: object, where: str) -> SelectorKind:
     if kind is None:
         raise Unauthorized(f'unsupported match type {value!r} in "{where}"')
     return kind
-
-
-# --- encoding ----------------------------------------------------------------------
-
-
-def encode_token(
-    key: str,
-    *,
-    publish: Sequence[str | Selector] | None = None,
-    subscribe: Sequence[str | Selector] | None = None,
-    payload: object = None,
-    algorithm: str = "HS256",
-    expires_in_s: float | None = None,
-    audience: str | None = None,
-    issuer: str | None = None,
-    style: Literal["mercure", "authorization_details"] = "mercure",
-) -> str:
-    """Mint a signed token (for `tidings token` and tests).
-
-    `key` is the HMAC secret or, for asymmetric algorithms, a PEM private key. A plain
-    string selector means a 0.x topic selector in the "mercure" style and an exact match
-    in the "authorization_details" style. Pass a compiled `Selector` to choose
-    its kind explicitly, for example `compile_selector(p, "urlpattern")`.
-    A negative `expires_in_s` mints an already expired token.
-    """
-    if algorithm.lower() == "none":
-        raise ValueError('refusing to mint an unsigned ("none") token')
-    now = _clock()
-    claims: dict[str, Any] = {"iat": int(now)}
-    if expires_in_s is not None:
-        # Rounded up so a short lifetime is never truncated into an expired token.
-        claims["exp"] = math.ceil(now + expires_in_s)
-    if audience is not None:
-        claims["aud"] = audience
-    if issuer is not None:
-        claims["iss"] = issuer
-
-    headers: dict[str, Any] | None = None
-    if style == "mercure":
-        mercure: dict[str, Any] = {}
-        if publish is not None:
-            mercure["publish"] = [_legacy_entry(s) for s in publish]
-        if subscribe is not None:
-            mercure["subscribe"] = [_legacy_entry(s) for s in subscribe]
-        if payload is not None:
-            mercure["payload"] = payload
-        claims[_LEGACY_CLAIM] = mercure
-    elif style == "authorization_details":
-        details: list[dict[str, Any]] = []
-        if publish is not None:
-            details.append(_detail("publish", publish, None))
-        if subscribe is not None:
-            details.append(_detail("subscribe", subscribe, payload))
-        claims["authorization_details"] = details
-        # RFC 9068 access tokens, which is what 1.0 hubs require of this claim style.
-        headers = {"typ": "at+jwt"}
-    else:
-        raise ValueError(f"unknown token style {style!r}")
-    return jwt.encode(claims, key, algorithm=algorithm, headers=headers)
-
-
-def _legacy_entry(selector: str | Selector) -> str | dict[str, str]:
-    if isinstance(selector, str):
-        return selector
-    if selector.kind == "topic":
-        return selector.value
-    return _topic_json(selector)
-
-
-def _detail(action: str, selectors: Iterable[str | Selector], payload: object) -> dict[str, Any]:
-    topics = [{"match": s} if isinstance(s, str) else _topic_json(s) for s in selectors]
-    if not topics:
-        # The spec requires a non-empty topics list, and hubs reject the whole token.
-        raise ValueError(f"a {action} grant needs at least one topic")
-    detail: dict[str, Any] = {"type": _DETAIL_TYPE, "actions": [action], "topics": topics}
-    if payload is not None:
-        detail["payload"] = payload
-    return detail
-
-
-def _topic_json(selector: Selector) -> dict[str, str]:
-    if selector.kind == "match":
-        return {"match": selector.value}
-    if selector.kind == "urlpattern":
-        return {"match": selector.value, "match_type": "urlpattern"}
-    if selector.value == "*":
-        return {"match": "*"}
-    raise ValueError(f"URI template selector {selector.value!r} has no 1.0 form; use a URL pattern")
-
-
-# --- finding the token ---------------------------------------------------------------
-
-
-def token_from_request(
-    headers: Mapping[str, str], cookies: Mapping[str, str], query: Mapping[str, str]
-) -> str | None:
-    """The request's token, or None when it carries none (an anonymous subscriber).
-
-    Precedence follows the reference hub and spec draft-08: the Authorization header,
-    then the 0.x `authorization` query parameter, then the cookie (1.0 name first,
-    0.x name second). An explicit per-request credential therefore beats an ambient
-    cookie. `headers` keys are lowercase. An Authorization header that is not
-    `Bearer <token>` raises Unauthorized rather than being skipped, so a client never
-    silently falls back to weaker (or no) credentials.
-    """
-    authorization = headers.get("authorization")
-    if authorization is not None:
-        match = _BEARER.fullmatch(authorization)
-        if match is None:
-            raise Unauthorized('malformed Authorization header: expected "Bearer <token>"')
-        return match.group(1)
-    token = query.get(_LEGACY_QUERY_PARAM)
-    if token:
-        return token
-    for name in (_COOKIE_NAME, _LEGACY_COOKIE_NAME):
-        token = cookies.get(name)
-        if token:
-            return token
-    return None

@@ -1,8 +1,14 @@
-"""The hub: registry of subscribers, fan-out, replay, presence. It knows nothing of HTTP.
+"""The hub: registry of subscribers, publish, fan-out and replay. It knows nothing of HTTP.
 
 An update's path: `publish()` awaits `transport.append()` (durable, assigns seq) and
 returns; the one `_fan_out` task reads `transport.tail()` and offers the update's frame to
-every subscriber that may see it. Publishers never wait on sockets.
+every subscriber that may see it (filtered subscribers through hub/filters.py's index).
+Publishers never wait on sockets. What `publish_many()` stored (the feeds' tailers) is
+fanned out right after, when it is next in seq order, and the tail skips it: either way
+each update once, in seq order. When the offered
+frames are written is the write scheduler's call (hub/flush.py); presence events and the
+subscriptions API's data are hub/subscriptions.py's; the transport is the port
+hub/transport.py defines.
 
 A subscriber's path: `connect()` resolves Last-Event-ID to a seq L, then in one step with
 no await registers the subscriber and snapshots H, the last seq fanned out. Replay covers
@@ -14,30 +20,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
-from tidings.errors import BadRequest, NotFound, ServiceUnavailable, TidingsError
+from tidings.errors import BadRequest, Forbidden, ServiceUnavailable, TidingsError
 from tidings.hub.auth import Claims
+from tidings.hub.filters import FilterIndex, IndexKey
+from tidings.hub.flush import FlushScheduler
 from tidings.hub.subscriber import CloseReason, Sink, State, Subscriber, SubscriberLimits
+from tidings.hub.subscriptions import ActiveSubscriptions, listing, presence_updates
 from tidings.hub.topics import Selector
-from tidings.hub.update import RESERVED_PREFIX, Update
+from tidings.hub.transport import BatchAppend, Transport
+from tidings.hub.update import Update
 from tidings.retry import run_with_backoff
 from tidings.sse import HEARTBEAT
-from tidings.transports.base import Transport
 
 __all__ = ["EARLIEST", "Hub", "HubConfig", "Metrics", "Subscription"]
 
 log = logging.getLogger(__name__)
 
 EARLIEST = "earliest"
-SUBSCRIPTIONS_PREFIX = RESERVED_PREFIX + "/subscriptions"
-_MATCH_TYPE = {"match": "Exact", "urlpattern": "URLPattern"}
 _REPLAY_PAGE = 500
+# How long `stop` lets streams end after closing them.
+_STOP_WAIT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,34 +54,32 @@ class HubConfig:
     max_selectors: int = 100
     subscriptions: bool = False
     limits: SubscriberLimits = field(default_factory=SubscriberLimits)
-    # Fan-out writes (one write costs far more than one more frame in it, so batching
-    # pays, but only when updates come faster than write passes end):
-    # - An update that finds the hub idle is offered to its subscribers and written at once.
-    # - One that arrives within `flush_linger_s` of the end of the previous write pass (a
-    #   publisher keeping the hub busy) starts a batch: its pass waits `flush_linger_s`, and
-    #   longer while updates keep coming closer together than that, until the batch is as
-    #   old as the previous pass took (at most `max_flush_wait_s`).
-    # - A write pass yields to the event loop every `flush_slice_s` (the first time after
-    #   `first_slice_s` for an update that found the hub idle: a publisher whose
-    #   acknowledgement waits on a bus reply that came with the update's own fan-out then
-    #   has it at once), so that a large fan-out does
-    #   not stall publishes and connections, and updates published meanwhile share the
-    #   writes still to come.
-    # Updates at a steady rate below saturation thus wait at most `flush_linger_s`.
+    # Write batching: `FlushScheduler`'s linger_s, max_wait_s, slice_s and first_slice_s
+    # (hub/flush.py says what each does).
     flush_linger_s: float = 0.001
     max_flush_wait_s: float = 0.05
     flush_slice_s: float = 0.010
     first_slice_s: float = 0.002
 
 
+def _counter(name: str, help: str) -> int:
+    """A `Metrics` field starting at 0; `name` and `help` are what exporters show."""
+    return field(default=0, metadata={"name": name, "help": help})
+
+
 @dataclass(slots=True)
 class Metrics:
-    published: int = 0
-    deliveries: int = 0
-    connects: int = 0
-    disconnects: int = 0
-    slow_disconnects: int = 0
-    replayed: int = 0
+    """The hub's counters, each with its exported name and meaning (web/ops.py's /metrics
+    lists every field), so a counter added here is exported with no other edit."""
+
+    published: int = _counter("tidings_updates_published_total", "Updates published.")
+    deliveries: int = _counter("tidings_deliveries_total", "Updates handed to subscribers.")
+    replayed: int = _counter("tidings_replayed_total",
+                             "Updates sent from history on (re)connect.")
+    connects: int = _counter("tidings_connects_total", "Subscriber connections opened.")
+    disconnects: int = _counter("tidings_disconnects_total", "Subscriber connections closed.")
+    slow_disconnects: int = _counter("tidings_slow_disconnects_total",
+                                     "Subscribers disconnected because they fell behind.")
 
 
 class Subscription:
@@ -95,12 +100,13 @@ class Subscription:
         claims: Claims | None,
         last_event_id: str | None,
         accept: Callable[[Update], bool] | None = None,
+        index: IndexKey | None = None,
     ) -> None:
         self._hub = hub
         self._last_event_id_asked = last_event_id
         self.subscriber = Subscriber(
-            selectors, claims, limits=hub.config.limits, on_ready=hub._on_ready,
-            accept=accept,
+            selectors, claims, limits=hub.config.limits, on_ready=hub._flusher.ready,
+            accept=accept, index_key=index,
         )
         self.replay_range = (0, 0)
         self.expiry: asyncio.TimerHandle | None = None
@@ -150,24 +156,27 @@ class Hub:
         self.config = config or HubConfig()
         self.metrics = Metrics()
         self._subscribers: set[Subscriber] = set()
-        # Fan-out finds candidates through an exact-topic index; subscribers with any
-        # pattern selector ("*", templates, URL patterns) are checked one by one. Dicts
-        # used as ordered sets: fan-out walks subscribers in the order they connected,
-        # roughly their order in memory, measurably faster than a set's hash order.
+        # Fan-out finds candidates through an exact-topic index; the filtered subscribers
+        # of an exact topic through that topic's filter index (hub/filters.py), which
+        # skips those whose filter cannot match; subscribers with any pattern selector
+        # ("*", templates, URL patterns) are checked one by one. Dicts used as ordered
+        # sets: fan-out walks subscribers in the order they connected, roughly their
+        # order in memory, measurably faster than a set's hash order.
         self._by_topic: dict[str, dict[Subscriber, None]] = {}
+        self._filtered: dict[str, FilterIndex[Subscriber]] = {}
         self._wide: dict[Subscriber, None] = {}
         self._last_seq = 0
         self._last_id: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._ready: list[Subscriber] = []
-        self._flush_handle: asyncio.Handle | None = None
-        self._last_flush_end = 0.0
-        self._last_flush_took = 0.0
-        self._batch_started = 0.0
-        self._last_update_at = 0.0
-        # When the write pass under way (over several slices) started.
-        self._pass_started: float | None = None
+        # Set while no subscriber is registered: `stop` waits on it for streams to end.
+        self._no_subscribers = asyncio.Event()
+        self._no_subscribers.set()
+        c = self.config
+        self._flusher = FlushScheduler(
+            linger_s=c.flush_linger_s, max_wait_s=c.max_flush_wait_s,
+            slice_s=c.flush_slice_s, first_slice_s=c.first_slice_s,
+        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -190,11 +199,10 @@ class Hub:
     async def stop(self) -> None:
         """Close every stream, stop the background tasks, close the transport."""
         self.begin_shutdown()
-        # Let writers see the close and finish their responses.
-        for _ in range(50):
-            if not self._subscribers:
-                break
-            await asyncio.sleep(0.02)
+        # Let writers see the close and finish their responses, for a while.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_STOP_WAIT_S):
+                await self._no_subscribers.wait()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -216,6 +224,27 @@ class Hub:
         self.metrics.published += 1
         return stored
 
+    async def publish_many(self, updates: Sequence[Update]) -> None:
+        """Store `updates` in this order; all are acknowledged when this returns. Together
+        where the transport can (`BatchAppend`), else one after the other; either way what
+        is stored when this raises is a prefix, so publishing them again (the transport
+        stores each identical update once) keeps the order."""
+        if self._stopping:
+            raise ServiceUnavailable("the hub is shutting down")
+        transport = self.transport
+        if isinstance(transport, BatchAppend):
+            stored = await transport.append_many(updates)
+            self.metrics.published += len(updates)
+        else:
+            stored = []
+            for update in updates:
+                stored.append(await transport.append(update))
+                self.metrics.published += 1
+        if stored:
+            # Right after this turn, not inside it: the publisher (a feed's tailer) goes
+            # on to its next read meanwhile.
+            asyncio.get_running_loop().call_soon(self._fan_out_stored, stored, 0)
+
     async def _fan_out(self) -> None:
         # The bus may go away (a restart, a network blip): each attempt resumes from the
         # last seq fanned out, so subscribers lose nothing.
@@ -223,42 +252,87 @@ class Hub:
                                position=lambda: f"seq {self._last_seq}")
 
     async def _fan_out_from_last(self) -> None:
+        deliver, offer = self._flusher.deliver, self._offer
+        clock, slice_s = time.monotonic, self.config.flush_slice_s
+        until = clock() + slice_s
         async for update in self.transport.tail(self._last_seq):
-            self._deliver(update)
+            if update.seq <= self._last_seq:
+                continue  # fanned out already, as this process stored it (`publish_many`)
+            deliver(offer, update)
+            if clock() > until:
+                # A page of updates is fanned out in slices: between them the event loop
+                # runs the rest (the feeds' tailers reading their logs, publishers,
+                # connections), which a long page would otherwise hold up.
+                await asyncio.sleep(0)
+                until = clock() + slice_s
 
-    def _deliver(self, update: Update) -> None:
-        idle = self._flush_handle is None and (
-            time.monotonic() - self._last_flush_end >= self.config.flush_linger_s)
-        self._offer(update)
-        self._last_update_at = time.monotonic()
-        if idle and self._flush_handle is not None:
-            # An update that found the hub idle is written now, not after a turn of the
-            # event loop (the flush `_on_ready` scheduled).
-            self._flush_handle.cancel()
-            self._flush(self.config.first_slice_s)
+    def _fan_out_stored(self, stored: Sequence[Update], start: int) -> None:
+        """Fan out updates this process has just stored (`publish_many`), from
+        `stored[start]` on, without waiting for the tail to read them back (a NOTIFY and a
+        query on PostgreSQL), when they are next in line: each only if its seq follows
+        the last one fanned out. At a gap (another process stored updates in between, not
+        fanned out yet) the rest is left to the tail, which brings everything in seq
+        order and skips what was fanned out here. In slices, like the tail."""
+        deliver, offer, clock = self._flusher.deliver, self._offer, time.monotonic
+        until = clock() + self.config.flush_slice_s
+        for i in range(start, len(stored)):
+            update = stored[i]
+            if update.seq <= self._last_seq:
+                continue  # the tail was first
+            if update.seq != self._last_seq + 1:
+                return
+            deliver(offer, update)
+            if clock() > until and i + 1 < len(stored):
+                asyncio.get_running_loop().call_soon(self._fan_out_stored, stored, i + 1)
+                return
 
     def _offer(self, update: Update) -> None:
+        # A subscriber is in one of _by_topic, _filtered and _wide, so the three passes
+        # never offer it the same update twice.
         seq, frame, topics = update.seq, update.frame, update.topics
         delivered = 0
-        if len(topics) == 1:
-            candidates: dict[Subscriber, None] | tuple[()] = self._by_topic.get(topics[0], ())
-        else:
-            candidates = {}
-            for topic in topics:
-                candidates |= self._by_topic.get(topic, {})
         if update.private:
-            for sub in candidates:
+            for sub in self._exact_candidates(topics):
                 if sub.claims is not None and sub.claims.may_read_private(topics):
                     delivered += sub.offer(seq, frame)
         else:
-            for sub in candidates:
+            for sub in self._exact_candidates(topics):
                 delivered += sub.offer(seq, frame)
+        if self._filtered:
+            for sub in self._filtered_candidates(update):
+                if update.private and (
+                        sub.claims is None or not sub.claims.may_read_private(topics)):
+                    continue
+                if sub.accept is not None and sub.accept(update):
+                    delivered += sub.offer(seq, frame)
         for sub in self._wide:
-            if sub not in candidates and self.may_see(sub, update):
+            if self.may_see(sub, update):
                 delivered += sub.offer(seq, frame)
         self._last_seq = seq
         self._last_id = update.id
         self.metrics.deliveries += delivered
+
+    def _exact_candidates(self, topics: tuple[str, ...]) -> Iterable[Subscriber]:
+        """The unfiltered subscribers of any of `topics`, each once (a copy only when
+        more than one topic has some)."""
+        by_topic = self._by_topic
+        if len(topics) == 1:
+            return by_topic.get(topics[0], ())
+        buckets = [bucket for topic in topics if (bucket := by_topic.get(topic))]
+        if len(buckets) <= 1:
+            return buckets[0] if buckets else ()
+        merged: dict[Subscriber, None] = {}
+        for bucket in buckets:
+            merged |= bucket
+        return merged
+
+    def _filtered_candidates(self, update: Update) -> Iterable[Subscriber]:
+        """The filtered subscribers of any of the update's topics whose filter may accept
+        it, each once."""
+        indexes = [index for topic in update.topics if (index := self._filtered.get(topic))]
+        if len(indexes) == 1:
+            return indexes[0].candidates(update)
+        return dict.fromkeys(sub for index in indexes for sub in index.candidates(update))
 
     @staticmethod
     def may_see(sub: Subscriber, update: Update) -> bool:
@@ -278,16 +352,19 @@ class Hub:
         last_event_id: str | None = None,
         *,
         accept: Callable[[Update], bool] | None = None,
+        index: IndexKey | None = None,
     ) -> Subscription:
         """`async with hub.connect(selectors, claims, last_event_id) as subscription:`
 
         `accept`, when given, is a further filter: only updates it returns True for are
-        replayed and delivered (it must be cheap and must not raise)."""
+        replayed and delivered (it must be cheap and must not raise). `index`, when given
+        with it, says which updates it may accept (hub/filters.py), so that fan-out asks
+        it about those only."""
         if not selectors:
             raise BadRequest("at least one topic selector (topic=, match=) is required")
         if len(selectors) > self.config.max_selectors:
             raise BadRequest(f"at most {self.config.max_selectors} selectors per subscription")
-        return Subscription(self, tuple(selectors), claims, last_event_id, accept)
+        return Subscription(self, tuple(selectors), claims, last_event_id, accept, index)
 
     async def _open(self, subscription: Subscription, last_event_id: str | None) -> None:
         if self._stopping:
@@ -345,16 +422,25 @@ class Hub:
 
     def _register(self, sub: Subscriber) -> None:
         self._subscribers.add(sub)
-        # Filtered subscribers go through `may_see` (with the wide ones), so the exact-topic
-        # fast path of `_deliver` never has to check for a filter.
-        if sub.matcher.patterns or sub.matcher.matches_all or sub.accept is not None:
+        self._no_subscribers.clear()
+        # Filtered subscribers are filed apart, so the exact-topic fast path of `_offer`
+        # never has to check for a filter.
+        if sub.matcher.patterns or sub.matcher.matches_all:
             self._wide[sub] = None
+        elif sub.accept is not None:
+            for topic in sub.matcher.exact_topics:
+                index = self._filtered.get(topic)
+                if index is None:
+                    index = self._filtered[topic] = FilterIndex()
+                index.add(sub, sub.index_key)
         else:
             for topic in sub.matcher.exact_topics:
                 self._by_topic.setdefault(topic, {})[sub] = None
 
     def _unregister(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
+        if not self._subscribers:
+            self._no_subscribers.set()
         self._wide.pop(sub, None)
         for topic in sub.matcher.exact_topics:
             bucket = self._by_topic.get(topic)
@@ -362,6 +448,11 @@ class Hub:
                 bucket.pop(sub, None)
                 if not bucket:
                     del self._by_topic[topic]
+            index = self._filtered.get(topic)
+            if index is not None:
+                index.remove(sub)
+                if not index:
+                    del self._filtered[topic]
 
     async def _sweep(self) -> None:
         """Heartbeats for idle streams: one pass over all subscribers, not a timer each."""
@@ -375,116 +466,18 @@ class Hub:
                     sub.last_write = now
                     sub.offer(0, HEARTBEAT)
 
-    # -- flushing ------------------------------------------------------------------
-
-    def _on_ready(self, sub: Subscriber) -> None:
-        self._ready.append(sub)
-        if self._flush_handle is None:
-            loop = asyncio.get_running_loop()
-            now = time.monotonic()
-            if now - self._last_flush_end < self.config.flush_linger_s:
-                self._batch_started = now
-                self._flush_handle = loop.call_later(self.config.flush_linger_s, self._linger)
-            else:
-                self._flush_handle = loop.call_soon(self._flush)
-
-    def _linger(self) -> None:
-        """A batch's timer: flush, or wait on while updates keep coming."""
-        now = time.monotonic()
-        linger = self.config.flush_linger_s
-        max_wait = min(max(self._last_flush_took, linger), self.config.max_flush_wait_s)
-        until = min(self._last_update_at + linger, self._batch_started + max_wait)
-        if until - now > 0.0001:
-            self._flush_handle = asyncio.get_running_loop().call_later(until - now, self._linger)
-        else:
-            self._flush()
-
-    def _flush(self, slice_s: float | None = None) -> None:
-        """One slice of a write pass over the ready subscribers (`flush_slice_s` long unless
-        told otherwise); the next slice is scheduled behind whatever else the event loop
-        has to do."""
-        self._flush_handle = None
-        ready = self._ready
-        start = time.monotonic()
-        if self._pass_started is None:
-            self._pass_started = start
-        until = start + (self.config.flush_slice_s if slice_s is None else slice_s)
-        done = 0
-        for sub in ready:
-            sub.flush(start)
-            done += 1
-            if not done & 31 and time.monotonic() > until:
-                break
-        del ready[:done]
-        if ready:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
-        else:
-            self._end_pass(self._pass_started, time.monotonic())
-
-    def _end_pass(self, started: float, end: float) -> None:
-        self._pass_started = None
-        self._last_flush_took = end - started
-        self._last_flush_end = end
-
-    # -- presence (active subscriptions) ---------------------------------------------
-
-    @staticmethod
-    def _subscription_topic(selector: Selector, subscriber_id: str) -> str:
-        encoded_sub = quote(subscriber_id, safe="")
-        if selector.kind == "topic":
-            return f"{SUBSCRIPTIONS_PREFIX}/{quote(selector.value, safe='')}/{encoded_sub}"
-        match_type = _MATCH_TYPE[selector.kind]
-        return f"{SUBSCRIPTIONS_PREFIX}/{match_type}/{quote(selector.value, safe='')}/{encoded_sub}"
-
-    def _describe(self, sub: Subscriber, selector: Selector, active: bool) -> dict[str, object]:
-        topic = self._subscription_topic(selector, sub.id)
-        doc: dict[str, object] = {
-            "@context": "https://mercure.rocks/",
-            "id": topic,
-            "type": "Subscription",
-            "subscriber": sub.id,
-            "active": active,
-        }
-        if selector.kind == "topic":
-            doc["topic"] = selector.value
-        else:
-            doc["matchType"] = _MATCH_TYPE[selector.kind]
-            doc["match"] = selector.value
-        if sub.claims is not None and sub.claims.payload is not None:
-            doc["payload"] = sub.claims.payload
-        return doc
+    # -- presence (active subscriptions, hub/subscriptions.py) ------------------------
 
     async def _announce(self, sub: Subscriber, *, active: bool) -> None:
-        for selector in sub.selectors:
-            doc = self._describe(sub, selector, active)
-            update = Update.create(
-                [str(doc["id"])], json.dumps(doc), private=True, allow_reserved=True
-            )
+        for update in presence_updates(sub, active=active):
             await self.publish(update)
 
-    def subscriptions(self, path: str, claims: Claims | None) -> dict[str, object]:
-        """The subscriptions API: `path` is below /.well-known/mercure/subscriptions."""
-        from tidings.errors import Forbidden
-
-        full = SUBSCRIPTIONS_PREFIX + (("/" + path) if path else "")
-        if claims is None or not claims.may_read_private([full]):
+    def subscriptions(self, topic: str, claims: Claims | None) -> ActiveSubscriptions:
+        """The subscriptions API's data: the active subscriptions at or below `topic` (a
+        topic under /.well-known/mercure/subscriptions). Forbidden unless `claims` may
+        read that topic's private updates."""
+        if claims is None or not claims.may_read_private([topic]):
             raise Forbidden("the token does not allow reading these subscriptions")
-        docs = [
-            self._describe(sub, selector, True)
-            for sub in self._subscribers
-            for selector in sub.selectors
-        ]
-        matching = [d for d in docs if str(d["id"]) == full or str(d["id"]).startswith(full + "/")]
-        last_id = self._last_id or EARLIEST
-        if path and path.count("/") >= 1 and any(str(d["id"]) == full for d in matching):
-            single = next(d for d in matching if str(d["id"]) == full)
-            return {**single, "lastEventID": last_id}
-        if path and not matching and path.count("/") >= 2:
-            raise NotFound("no such subscription")
-        return {
-            "@context": "https://mercure.rocks/",
-            "id": full,
-            "type": "Subscriptions",
-            "lastEventID": last_id,
-            "subscriptions": [{k: v for k, v in d.items() if k != "@context"} for d in matching],
-        }
+        return ActiveSubscriptions(
+            topic, self._last_id or EARLIEST, listing(self._subscribers, topic)
+        )

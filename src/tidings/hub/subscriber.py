@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tidings.hub.auth import Claims
+from tidings.hub.filters import IndexKey
 from tidings.hub.topics import Matcher, Selector
 from tidings.hub.update import Update
 
@@ -87,6 +88,7 @@ class Subscriber:
         "dirty",
         "expires_at",
         "id",
+        "index_key",
         "last_sent_seq",
         "last_write",
         "live",
@@ -105,12 +107,15 @@ class Subscriber:
         on_ready: Callable[[Subscriber], None],
         subscriber_id: str | None = None,
         accept: Callable[[Update], bool] | None = None,
+        index_key: IndexKey | None = None,
     ) -> None:
         self.id = subscriber_id or f"urn:uuid:{uuid.uuid4()}"
         # A server-side filter on top of the selectors (the collections' watch endpoint).
         # Called in fan-out and replay for each candidate update: it must be cheap and
-        # must not raise.
+        # must not raise. `index_key` says which updates it may accept (hub/filters.py),
+        # so that fan-out asks it only about those.
         self.accept = accept
+        self.index_key = index_key if accept is not None else None
         self.selectors = selectors
         self.matcher = _matcher(selectors)
         self.claims = claims

@@ -1,13 +1,14 @@
-"""Where updates travel and are kept. The URL scheme picks the implementation."""
+"""Where updates travel and are kept: implementations of the hub's port
+(`tidings.hub.transport.Transport`). The URL scheme picks the implementation."""
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
 from tidings.errors import BadRequest
-from tidings.transports.base import Transport
+from tidings.hub.transport import Transport
 
-__all__ = ["Transport", "open_transport"]
+__all__ = ["open_transport"]
 
 
 def open_transport(

@@ -30,7 +30,10 @@ connection is lost, `tail` raises and the hub calls it again from the last seq i
 Failures. A publish that cannot be stored raises ServiceUnavailable (503), never a silent
 drop. Connects time out quickly. An append whose pooled connection broke is tried once
 more on a fresh one; the idempotence check makes that retry safe even when the first
-attempt's COMMIT went through.
+attempt's COMMIT went through. Through a server restart, then: publishes answer 503 while
+it is down, the pool and the tail reconnect by themselves when it is back, and the tail
+resumes from its last seq. The outage is logged when it starts and when it ends (the
+first operation that works again), not once per refused publish.
 
 Retention. `prune()` removes updates beyond `history_size` and older than
 `history_max_age_s`, and runs by itself every 256 appends of this process. It always keeps
@@ -41,24 +44,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
-from typing import Protocol, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
-from tidings.errors import BadRequest, ServiceUnavailable, TransportClosed
+from tidings.errors import BadRequest, ServiceUnavailable, TidingsError, TransportClosed
 from tidings.hub.update import Update
-
-try:
-    import asyncpg
-except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError(
-        "the PostgreSQL transport needs asyncpg: pip install 'tidings[postgres]'"
-    ) from exc
+from tidings.outage import Outage
+from tidings.pgdb import (
+    BROKEN,
+    CLOSE_TIMEOUT_S,
+    COMMAND_TIMEOUT_S,
+    UNAVAILABLE,
+    BrokenConnection,
+    Connection,
+    DataError,
+    Pool,
+    Record,
+    UniqueViolation,
+    advisory_key,
+    close_pool,
+    close_quietly,
+    connect,
+    describe,
+    open_pool,
+    pooled,
+    split_url,
+)
 
 __all__ = ["PostgresTransport"]
 
@@ -70,11 +84,6 @@ DEFAULT_NAMESPACE = "tidings"
 # under PostgreSQL's 63-byte identifier limit.
 _NAMESPACE = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 
-_CONNECT_TIMEOUT_S = 3.0
-# A backstop for a statement that hangs (a half-open connection); appends normally wait
-# on the lock for milliseconds.
-_COMMAND_TIMEOUT_S = 10.0
-_POOL_MAX = 10
 _PRUNE_EVERY = 256
 # Updates per append transaction at most (one lock wait, one commit for all of them).
 _BATCH_MAX = 500
@@ -82,91 +91,9 @@ _TAIL_PAGE = 1000
 # The tailer looks at the table this often even without a notification: NOTIFY is a
 # wake-up, and one can be missed; this bounds how late a missed one is noticed.
 _RECHECK_S = 5.0
-_CLOSE_TIMEOUT_S = 2.0
-
-# Everything the driver raises about the storage it cannot reach or use: a publish that
-# meets one of these answers 503.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
-# An established connection that broke (killed backend, server restart, reset socket):
-# worth one more try on a fresh connection. Failing to connect at all is not.
-_BROKEN: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
 
 
-class _Broken(ServiceUnavailable):
-    """An established connection broke (raised by `_connection`; the writer retries)."""
-
-
-# asyncpg has no type stubs: these Protocols type the part of it used here, so that no
-# `Any` leaks past this module's edge.
-_Record = Sequence[object]
-
-
-class _Connection(Protocol):
-    async def execute(self, query: str, *args: object, timeout: float | None = None) -> str: ...
-
-    async def fetch(
-        self, query: str, *args: object, timeout: float | None = None
-    ) -> list[_Record]: ...
-
-    async def fetchrow(
-        self, query: str, *args: object, timeout: float | None = None
-    ) -> _Record | None: ...
-
-    async def fetchmany(
-        self, query: str, args: Sequence[Sequence[object]], *, timeout: float | None = None
-    ) -> list[_Record]: ...
-
-    async def fetchval(
-        self, query: str, *args: object, timeout: float | None = None
-    ) -> object: ...
-
-    async def add_listener(
-        self, channel: str, callback: Callable[[object, int, str, str], None]
-    ) -> None: ...
-
-    def add_termination_listener(self, callback: Callable[[object], None]) -> None: ...
-
-    def is_closed(self) -> bool: ...
-
-    def is_in_transaction(self) -> bool: ...
-
-    async def close(self, *, timeout: float | None = None) -> None: ...
-
-    def terminate(self) -> None: ...
-
-
-class _Pool(Protocol):
-    def acquire(
-        self, *, timeout: float | None = None
-    ) -> AbstractAsyncContextManager[_Connection]: ...
-
-    async def close(self) -> None: ...
-
-    def terminate(self) -> None: ...
-
-
-async def _keep_session(connection: object) -> None:
-    """Pool `reset`: pooled sessions carry no state (no LISTEN, session locks or settings;
-    a failed transaction closes its connection), so asyncpg's default reset query would
-    only add a round trip to every operation."""
-
-
-def _lock_key(namespace: str) -> int:
-    # A stable signed 64-bit key per namespace (the 64-bit advisory lock space does not
-    # overlap the two-int one, and other applications rarely pick random keys).
-    digest = hashlib.blake2b(f"tidings:{namespace}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-def _row_to_update(row: _Record) -> Update:
+def _row_to_update(row: Record) -> Update:
     seq, id_, topics, data, private, type_, retry, created_at, frame = row
     return Update(
         topics=tuple(json.loads(cast(str, topics))),
@@ -196,15 +123,10 @@ class PostgresTransport:
     ) -> PostgresTransport:
         """`postgresql://[user[:password]@]host[:port]/db[?namespace=NAME&...]`; every
         other query parameter is passed on to asyncpg."""
-        parts = urlsplit(url)
-        params = parse_qsl(parts.query, keep_blank_values=True)
-        namespaces = [value for key, value in params if key == "namespace"]
-        namespace = namespaces[-1] if namespaces else DEFAULT_NAMESPACE
-        rest = urlencode([(key, value) for key, value in params if key != "namespace"])
-        dsn = urlunsplit(parts._replace(query=rest))
+        dsn, own = split_url(url)
         return cls(
             dsn,
-            namespace=namespace,
+            namespace=own.get("namespace", DEFAULT_NAMESPACE),
             history_size=history_size,
             history_max_age_s=history_max_age_s,
         )
@@ -223,17 +145,16 @@ class PostgresTransport:
                 " not starting with a digit"
             )
         self._dsn = dsn
-        parts = urlsplit(dsn)
-        # For messages and logs: never the password.
-        self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+        self._where = describe(dsn)  # for messages and logs: never the password
+        self._outage = Outage(f"PostgreSQL at {self._where}")
         self.namespace = namespace
         self.table = f"{namespace}_updates"
         self.channel = self.table
-        self.lock_key = _lock_key(namespace)
+        self.lock_key = advisory_key(f"tidings:{namespace}")
         self._history_size = history_size
         self._history_max_age_s = history_max_age_s
-        self._pool: _Pool | None = None
-        self._listeners: set[_Connection] = set()
+        self._pool: Pool | None = None
+        self._listeners: set[Connection] = set()
         self._queue: list[tuple[Update, asyncio.Future[Update]]] = []
         self._queued = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -313,20 +234,8 @@ class PostgresTransport:
             raise TransportClosed("the transport is closed")
         if self._pool is not None:
             return
-        pool: _Pool | None = None
+        pool = await open_pool(self._dsn, application_name=f"tidings:{self.namespace}")
         try:
-            pool = cast(
-                _Pool,
-                await asyncpg.create_pool(
-                    self._dsn,
-                    min_size=1,
-                    max_size=_POOL_MAX,
-                    timeout=_CONNECT_TIMEOUT_S,
-                    command_timeout=_COMMAND_TIMEOUT_S,
-                    reset=_keep_session,
-                    server_settings={"application_name": f"tidings:{self.namespace}"},
-                ),
-            )
             async with pool.acquire() as conn:
                 # Under the append lock: two processes starting together would otherwise
                 # race on CREATE TABLE IF NOT EXISTS (a unique violation in the catalog).
@@ -338,9 +247,8 @@ class PostgresTransport:
                     conn.terminate()  # the server rolls back; the pool makes a new one
                     raise
                 self._last_seq = cast(int, await conn.fetchval(self._sql_last_seq))
-        except _UNAVAILABLE as exc:
-            if pool is not None:
-                pool.terminate()
+        except UNAVAILABLE as exc:
+            pool.terminate()
             raise ServiceUnavailable(f"cannot use PostgreSQL at {self._where}: {exc}") from exc
         self._pool = pool
         self._writer = asyncio.create_task(self._write_batches(), name="tidings-pg-writer")
@@ -366,14 +274,10 @@ class PostgresTransport:
             # Updates accepted before close are still written, within a bound.
             self._queued.set()
             with contextlib.suppress(TimeoutError):  # then wait_for has cancelled it
-                await asyncio.wait_for(self._writer, _CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(self._writer, CLOSE_TIMEOUT_S)
         pool, self._pool = self._pool, None
         if pool is not None:
-            try:
-                # Waits for operations in flight to hand their connections back.
-                await asyncio.wait_for(pool.close(), _CLOSE_TIMEOUT_S)
-            except _UNAVAILABLE:  # includes TimeoutError
-                pool.terminate()
+            await close_pool(pool)
 
     async def destroy(self) -> None:
         """Drop the table: the whole history of this namespace is gone."""
@@ -384,6 +288,20 @@ class PostgresTransport:
     # -- writing -------------------------------------------------------------------
 
     async def append(self, update: Update) -> Update:
+        return await self._enqueue(update)
+
+    async def append_many(self, updates: Sequence[Update]) -> list[Update]:
+        """Append `updates` in this order, in as few transactions as the batch size allows
+        (`BatchAppend`): a publisher of many pays one commit, not one each."""
+        futures = [self._enqueue(update) for update in updates]
+        try:
+            return [await future for future in futures]
+        finally:
+            for future in futures:
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: a failure is reported once, above
+
+    def _enqueue(self, update: Update) -> asyncio.Future[Update]:
         if self._closed:
             raise TransportClosed("the transport is closed")
         if self._writer is None or self._writer.done():
@@ -391,7 +309,7 @@ class PostgresTransport:
         future: asyncio.Future[Update] = asyncio.get_running_loop().create_future()
         self._queue.append((update, future))
         self._queued.set()
-        return await future
+        return future
 
     async def _write_batches(self) -> None:
         """The one writer of this process: each batch is one locked transaction."""
@@ -404,8 +322,11 @@ class PostgresTransport:
                 # A caller that gave up (cancelled) before its update was written gets
                 # nothing stored: it has no answer, so its client will publish again.
                 batch = [(update, future) for update, future in batch if not future.done()]
-                if batch:
-                    await self._write_batch(batch)
+                if batch and not await self._write_batch(batch):
+                    # What was queued behind a batch that failed fails too, unwritten: what
+                    # this process stores is always a prefix of what it was asked to, in
+                    # order, so publishing the rest again keeps the order.
+                    self._fail_queued(None, "an earlier update was not stored")
             if self._closed:
                 return
             if self._appends_since_prune >= _PRUNE_EVERY:
@@ -415,78 +336,77 @@ class PostgresTransport:
                     # The updates are stored; retention catches up after a later batch.
                     log.warning("pruning %s failed: %s", self.table, exc)
 
-    def _fail_queued(self, _writer: object) -> None:
-        """The writer ended (close, or cancelled with its loop): nobody waits forever."""
+    def _fail_queued(self, _writer: object, reason: str = "") -> None:
+        """The writer ended (close, or cancelled with its loop): nobody waits forever. With
+        a `reason`: a batch failed, and what waits behind it is not written."""
         queue, self._queue = self._queue, []
         for _, future in queue:
             if not future.done():
-                future.set_exception(TransportClosed("the transport is closed"))
+                future.set_exception(ServiceUnavailable(f"the update was not stored: {reason}")
+                                     if reason else TransportClosed("the transport is closed"))
 
-    async def _write_batch(self, batch: list[tuple[Update, asyncio.Future[Update]]]) -> None:
+    async def _write_batch(self, batch: list[tuple[Update, asyncio.Future[Update]]]) -> bool:
+        """Store one batch and answer its futures; False when it failed."""
         updates = [update for update, _ in batch]
         try:
             try:
-                stored = await self._insert(updates)
-            except _Broken as exc:
+                stored = await self._insert(updates, may_retry=True)
+            except BrokenConnection as exc:
                 # The pooled connection was dead (server restarted, backend killed). If the
                 # first attempt committed after all, the retry finds every update already
-                # stored and inserts nothing.
-                log.warning("append on %s failed (%s); retrying on a fresh connection",
-                            self._where, exc)
+                # stored and inserts nothing. (An outage is logged if the retry fails too.)
+                log.debug("append on %s failed (%s); retrying on a fresh connection",
+                          self._where, exc)
                 stored = await self._insert(updates)
         except BaseException as exc:
             if not isinstance(exc, ServiceUnavailable | asyncio.CancelledError):
                 log.exception("storing %d updates in %s failed", len(updates), self.table)
+            reason = exc.message if isinstance(exc, TidingsError) else repr(exc)
             for _, future in batch:
                 if not future.done():
                     # Not known to be stored: the publisher answers 503 and retries, and
                     # a retry of an update that was stored after all is stored once.
-                    error = ServiceUnavailable(f"the update was not stored: {exc!r}")
+                    error = ServiceUnavailable(f"the update was not stored: {reason}")
                     error.__cause__ = exc
                     future.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
-            return
+            return False
         for (_, future), result in zip(batch, stored, strict=True):
             if not future.done():
                 future.set_result(result)
         self._last_seq = max(self._last_seq, *(u.seq for u in stored))
         self._appends_since_prune += len(stored)
+        return True
 
-    async def _insert(self, updates: list[Update]) -> list[Update]:
+    async def _insert(self, updates: list[Update], *, may_retry: bool = False) -> list[Update]:
         """Store `updates` in one transaction under the append lock, in their order: three
         round trips (BEGIN and lock, the pipelined inserts, NOTIFY and COMMIT) and one WAL
-        flush, however many updates there are."""
-        async with self._connection() as conn:
-            try:
-                await conn.execute(self._sql_begin_locked)
-                rows = await conn.fetchmany(
-                    self._sql_insert,
-                    [
-                        (
-                            u.id,
-                            json.dumps(list(u.topics)),
-                            u.data,
-                            u.private,
-                            u.type,
-                            u.retry,
-                            u.frame,
-                        )
-                        for u in updates
-                    ],
-                )
-                new = [cast(int, seq) for seq, _, inserted in rows if inserted]
-                # One NOTIFY per batch: it only says "look again". Inline values are safe:
-                # the channel is a checked identifier, the payload an integer.
-                notify = f"SELECT pg_notify('{self.channel}', '{max(new)}'); " if new else ""
-                await conn.execute(notify + "COMMIT")
-            except BaseException:
-                # Failed or cancelled mid-transaction: drop the connection (the server
-                # rolls back and releases the lock) rather than hand back a session in an
-                # unknown state.
-                if not conn.is_closed() and conn.is_in_transaction():
-                    conn.terminate()
-                raise
+        flush, however many updates there are. (`may_retry`: see `_connection`.)"""
+        # A failure or cancellation mid-transaction drops the connection (`pooled`): the
+        # server rolls back and releases the lock.
+        async with self._connection(may_retry=may_retry) as conn:
+            await conn.execute(self._sql_begin_locked)
+            rows = await conn.fetchmany(
+                self._sql_insert,
+                [
+                    (
+                        u.id,
+                        json.dumps(list(u.topics)),
+                        u.data,
+                        u.private,
+                        u.type,
+                        u.retry,
+                        u.frame,
+                    )
+                    for u in updates
+                ],
+            )
+            new = [cast(int, seq) for seq, _, inserted in rows if inserted]
+            # One NOTIFY per batch: it only says "look again". Inline values are safe:
+            # the channel is a checked identifier, the payload an integer.
+            notify = f"SELECT pg_notify('{self.channel}', '{max(new)}'); " if new else ""
+            await conn.execute(notify + "COMMIT")
         return [
             update.stored(cast(int, seq), cast(float, created_at))
             for update, (seq, created_at, _) in zip(updates, rows, strict=True)
@@ -529,18 +449,18 @@ class PostgresTransport:
                 # Cleared before reading: a notification that arrives while we read or
                 # while the caller handles a page makes the next wait return at once.
                 wake.clear()
+                began = self._outage.now()
                 try:
                     rows = await conn.fetch(
-                        self._sql_read_after, after, _TAIL_PAGE, timeout=_COMMAND_TIMEOUT_S
+                        self._sql_read_after, after, _TAIL_PAGE, timeout=COMMAND_TIMEOUT_S
                     )
                 except Exception as exc:
                     if self._closed:
                         return  # close() aborted the connection under the read
-                    if isinstance(exc, _UNAVAILABLE):
-                        raise ServiceUnavailable(
-                            f"lost the PostgreSQL connection at {self._where}: {exc}"
-                        ) from exc
+                    if isinstance(exc, UNAVAILABLE):
+                        raise self._outage_began(exc, "lost the PostgreSQL connection") from exc
                     raise
+                self._outage.ok(began)
                 for row in rows:
                     update = _row_to_update(row)
                     after = update.seq
@@ -555,22 +475,15 @@ class PostgresTransport:
                         await wake.wait()
         finally:
             self._listeners.discard(conn)
-            await _close_quietly(conn)
+            await close_quietly(conn)
 
-    async def _listen(self, wake: asyncio.Event) -> _Connection:
+    async def _listen(self, wake: asyncio.Event) -> Connection:
         """A connection of its own, LISTENing, whose notifications and loss set `wake`."""
         try:
-            conn = cast(
-                _Connection,
-                await asyncpg.connect(
-                    self._dsn,
-                    timeout=_CONNECT_TIMEOUT_S,
-                    command_timeout=_COMMAND_TIMEOUT_S,
-                    server_settings={"application_name": f"tidings-listen:{self.namespace}"},
-                ),
-            )
-        except _UNAVAILABLE as exc:
-            raise ServiceUnavailable(f"cannot reach PostgreSQL at {self._where}: {exc}") from exc
+            conn = await connect(self._dsn, application_name=f"tidings-listen:{self.namespace}")
+        except ServiceUnavailable as exc:
+            self._outage.failed(exc.__cause__ or exc)
+            raise
         if self._closed:  # close() ran while we connected: it could not abort this one
             conn.terminate()
             raise TransportClosed("the transport is closed")
@@ -581,38 +494,43 @@ class PostgresTransport:
             await conn.add_listener(self.channel, lambda _c, _pid, _ch, _payload: wake.set())
         except BaseException as exc:
             self._listeners.discard(conn)
-            await _close_quietly(conn)
-            if isinstance(exc, _UNAVAILABLE):
-                raise ServiceUnavailable(
-                    f"cannot LISTEN on PostgreSQL at {self._where}: {exc}"
-                ) from exc
+            await close_quietly(conn)
+            if isinstance(exc, UNAVAILABLE):
+                raise self._outage_began(exc, "cannot LISTEN on PostgreSQL") from exc
             raise
         return conn
+
+    def _outage_began(self, exc: BaseException, what: str) -> ServiceUnavailable:
+        """Count the server as away (one log line per outage) and say what failed."""
+        self._outage.failed(exc)
+        return ServiceUnavailable(f"{what} at {self._where}: {exc}")
 
     # -- helpers -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[_Connection]:
+    async def _connection(self, *, may_retry: bool = False) -> AsyncIterator[Connection]:
         """A pooled connection; any failure to reach or use the storage becomes
-        ServiceUnavailable (`_Broken` for a broken connection, which the writer retries)."""
+        ServiceUnavailable (BrokenConnection for a broken one, which the writer retries)
+        and counts towards an outage, unless `may_retry` and the caller will try a broken
+        connection again (a pooled connection that died in a restart already over is no
+        outage)."""
         if self._closed:
             raise TransportClosed("the transport is closed")
         if self._pool is None:
             raise ServiceUnavailable("the PostgreSQL transport has not been started")
+        began = self._outage.now()
         try:
-            async with self._pool.acquire(timeout=_COMMAND_TIMEOUT_S) as conn:
+            async with pooled(self._pool) as conn:
                 yield conn
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             if self._closed:
                 raise TransportClosed("the transport is closed") from exc
-            error = _Broken if isinstance(exc, _BROKEN) else ServiceUnavailable
+            broken = isinstance(exc, BROKEN)
+            # A value the server refused is no outage (the caller's 503 is a separate
+            # matter); a broken connection the caller retries is not one yet.
+            if not ((broken and may_retry) or isinstance(exc, DataError | UniqueViolation)):
+                self._outage.failed(exc)
+            error = BrokenConnection if broken else ServiceUnavailable
             raise error(f"PostgreSQL at {self._where}: {exc}") from exc
+        self._outage.ok(began)
 
-
-async def _close_quietly(conn: _Connection) -> None:
-    if conn.is_closed():
-        return
-    try:
-        await conn.close(timeout=_CLOSE_TIMEOUT_S)
-    except (Exception, asyncio.CancelledError):
-        conn.terminate()

@@ -9,6 +9,23 @@ the stream with XREAD BLOCK on a pool of its own, so a blocked read never holds 
 append; when the connection drops it raises and the hub resumes from its last seq.
 Retention: XADD's `MAXLEN ~` (count) and `XTRIM MINID ~` (age) on every append, both
 exact in `prune()`.
+
+Outages. While Redis is away every command fails fast and a publish answers 503: nothing
+is acknowledged that Redis did not take. With `appendonly yes` Redis comes back with every
+update it acknowledged, and the tail carries on from its last seq. Without persistence it
+comes back empty (a reset). To notice, each namespace carries an epoch, `NAME:epoch`, a
+random value written once (by whichever process comes first, and by every append if it is
+missing); a process learns it at start and, each time its tail reconnects, compares: a
+different epoch (or a stream whose last id is below what the process read, as when the
+last second of an `appendfsync everysec` file was lost) means the history it relied on
+is gone. The process says so once, then serves what is published from then on. A
+subscriber resuming from an id that went with the old history is told what the protocol
+says for an unknown id: `earliest`, a replay of all that remains.
+
+Seqs never go backwards across a reset: the entry ids of a new stream come from the
+server's clock, and should that clock stand behind the lost history, the append script
+places the entry just above the newest seq this process has seen (as it does for a full
+millisecond), so no fan-out cursor is left waiting above the new entries.
 """
 
 from __future__ import annotations
@@ -17,6 +34,7 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import cast
@@ -29,6 +47,7 @@ from redis.exceptions import RedisError
 
 from tidings.errors import BadRequest, ServiceUnavailable, TransportClosed
 from tidings.hub.update import Update
+from tidings.outage import Outage
 
 __all__ = ["RedisTransport", "entry_id_from_seq", "seq_from_entry_id"]
 
@@ -85,9 +104,12 @@ local function trim_index(budget)
 end
 """
 
-# ARGV: id, topics, data, private, type, retry, created_at, frame, maxlen, max_age_ms,
-# index trim budget. Returns {entry id} for a new entry, {entry id, fields} for a repeat.
+# KEYS: stream, ids hash, id-ages sorted set, epoch. ARGV: id, topics, data, private, type,
+# retry, created_at, frame, maxlen, max_age_ms, index trim budget, floor (the entry id of
+# the newest seq the caller has seen), an epoch to propose. Returns {entry id} for a new
+# entry, {entry id, fields} for a repeat.
 _APPEND = _TRIM_INDEX + """
+redis.call('SET', KEYS[4], ARGV[13], 'NX')
 local previous = redis.call('HGET', KEYS[2], ARGV[1])
 if previous then
   local found = redis.call('XRANGE', KEYS[1], previous, previous)
@@ -104,17 +126,30 @@ local fields = {'id', ARGV[1], 'topics', ARGV[2], 'data', ARGV[3], 'private', AR
                 'type', ARGV[5], 'retry', ARGV[6], 'created_at', ARGV[7], 'frame', ARGV[8]}
 local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9], '*', unpack(fields))
 local ms, n = string.match(entry, '^(%d+)-(%d+)$')
-if tonumber(n) >= """ + str(_N_LIMIT) + """ then
-  -- seq keeps 20 bits for n: take the next millisecond instead (atomic, so unseen).
+ms, n = tonumber(ms), tonumber(n)
+local moved = false
+local floor_ms, floor_n = string.match(ARGV[12], '^(%d+)-(%d+)$')
+floor_ms, floor_n = tonumber(floor_ms), tonumber(floor_n)
+if ms < floor_ms or (ms == floor_ms and n <= floor_n) then
+  -- The stream lost the history the caller saw (a reset) and the server's clock stands
+  -- behind it: go just above it, or the caller's tail would wait above this entry.
+  ms, n, moved = floor_ms, floor_n + 1, true
+end
+if n >= """ + str(_N_LIMIT) + """ then
+  -- seq keeps 20 bits for n: take the next millisecond instead.
+  ms, n, moved = ms + 1, 0, true
+end
+if moved then
+  -- Atomic, so the first id is never seen; it stays above the stream's last id.
   redis.call('XDEL', KEYS[1], entry)
-  ms = string.format('%.0f', tonumber(ms) + 1)
-  entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9], ms .. '-0', unpack(fields))
+  entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9],
+                     string.format('%.0f-%.0f', ms, n), unpack(fields))
 end
 redis.call('HSET', KEYS[2], ARGV[1], entry)
-redis.call('ZADD', KEYS[3], ms, ARGV[1])
+redis.call('ZADD', KEYS[3], string.format('%.0f', ms), ARGV[1])
 local max_age_ms = tonumber(ARGV[10])
 if max_age_ms > 0 then
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', tonumber(ms) - max_age_ms))
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', ms - max_age_ms))
 end
 trim_index(tonumber(ARGV[11]))
 return {entry}
@@ -132,6 +167,21 @@ if max_age_ms > 0 then
 end
 trim_index(math.huge)
 return removed
+"""
+
+# KEYS: stream, epoch; ARGV: an epoch to propose. The namespace's epoch (written now if
+# it is missing) and the stream's last generated id ('' when there is no stream): the
+# newest entry ever added, even when retention has removed it since.
+_EPOCH = """
+redis.call('SET', KEYS[2], ARGV[1], 'NX')
+local last = ''
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+end
+return {redis.call('GET', KEYS[2]), last}
 """
 
 # ARGV: id. Returns {entry id, fields} of the newest use of the id, or nil.
@@ -181,6 +231,12 @@ def _from_script(reply: Sequence[object]) -> Update:
     return _to_update(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
+def _describe(url: str) -> str:
+    """Where a Redis URL points, for logs: never the password."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
+
+
 def _split_url(url: str) -> tuple[str, str]:
     """The URL for redis-py (without `namespace`) and the namespace."""
     parts = urlsplit(url)
@@ -202,8 +258,12 @@ class RedisTransport:
         # MAXLEN 0 would remove the entry just added before any tail could read it.
         self._history_size = max(history_size, 1)
         self._max_age_ms = max(int(history_max_age_s * 1000), 0)
-        self._keys = [f"{self.namespace}:{key}" for key in ("updates", "ids", "id-ages")]
+        self._keys = [f"{self.namespace}:{key}"
+                      for key in ("updates", "ids", "id-ages", "epoch")]
         self._stream = self._keys[0]
+        # The namespace's epoch as this process knows it. Each write that might create the
+        # epoch proposes a fresh random value, never one seen before.
+        self._epoch = b""
         # No I/O here: redis-py connects on the first command.
         self._client = Redis.from_pool(BlockingConnectionPool.from_url(
             redis_url,
@@ -224,23 +284,33 @@ class RedisTransport:
         self._append_script = self._client.register_script(_APPEND)
         self._prune_script = self._client.register_script(_PRUNE)
         self._find_script = self._client.register_script(_FIND)
+        self._epoch_script = self._client.register_script(_EPOCH)
+        self._where = f"Redis at {_describe(redis_url)} (namespace {self.namespace})"
+        self._outage = Outage(self._where)
         self._last_seq = 0
         self._closed = False
 
     @contextlib.contextmanager
-    def _bus(self) -> Iterator[None]:
-        """Redis failures become ServiceUnavailable (503), never a silent drop."""
+    def _bus(self, refused: str = "") -> Iterator[None]:
+        """Redis failures become ServiceUnavailable (503), never a silent drop; `refused`
+        says what the caller did not get done."""
         if self._closed:
             raise TransportClosed("the transport is closed")
+        began = self._outage.now()
         try:
             yield
         except RedisError as exc:
             if self._closed:
                 raise TransportClosed("the transport is closed") from exc
-            log.warning("redis bus %s unavailable: %s", self.namespace, exc)
-            raise ServiceUnavailable("the bus is unavailable") from exc
+            self._outage.failed(exc)  # logged once per outage, not per request
+            raise ServiceUnavailable(
+                f"{refused}{': ' if refused else ''}the bus is unavailable (Redis);"
+                " try again later"
+            ) from exc
+        self._outage.ok(began)
 
     async def start(self) -> None:
+        self._epoch, _ = await self._read_epoch()
         with self._bus():
             newest = cast(
                 list[tuple[bytes, object]], await self._client.xrevrange(self._stream, count=1)
@@ -253,7 +323,7 @@ class RedisTransport:
 
     async def append(self, update: Update) -> Update:
         created_at = time.time()
-        with self._bus():
+        with self._bus("the update was not stored"):
             reply = cast(list[object], await self._append_script(keys=self._keys, args=[
                 update.id,
                 json.dumps(update.topics),
@@ -266,6 +336,8 @@ class RedisTransport:
                 self._history_size,
                 self._max_age_ms,
                 _INDEX_TRIM_BUDGET,
+                entry_id_from_seq(self._last_seq),
+                secrets.token_hex(8),
             ]))
         if len(reply) == 2:
             return _from_script(reply)  # the same update sent again: stored once
@@ -305,6 +377,10 @@ class RedisTransport:
 
     async def tail(self, after: int) -> AsyncIterator[Update]:
         cursor = entry_id_from_seq(max(after, 0))
+        try:
+            await self._check_continuity(after)
+        except TransportClosed:
+            return
         while not self._closed:
             try:
                 with self._bus():
@@ -322,6 +398,29 @@ class RedisTransport:
                     cursor = entry_id.decode()
                     self._last_seq = max(self._last_seq, update.seq)
                     yield update
+
+    async def _read_epoch(self) -> tuple[bytes, bytes]:
+        """The namespace's epoch (proposing ours if there is none) and the stream's last
+        generated entry id (b"" without a stream)."""
+        with self._bus():
+            epoch, last = cast(list[bytes], await self._epoch_script(
+                keys=[self._stream, self._keys[3]], args=[secrets.token_hex(8)]))
+        return epoch, last
+
+    async def _check_continuity(self, after: int) -> None:
+        """Say so (once: this runs when the tail starts) if the history this process read
+        up to seq `after` is gone. The tail then goes on from there: what is in the stream
+        now was published after the loss and has a greater seq (see the module docstring)."""
+        epoch, last = await self._read_epoch()
+        known, self._epoch = self._epoch, epoch
+        behind = after > 0 and (not last or seq_from_entry_id(last) < after)
+        if epoch != known or behind:
+            log.warning(
+                "%s lost the history this process had read up to seq %s (restarted without"
+                " persistence, or flushed): those updates are gone; a subscriber resuming"
+                " from one of them replays from the earliest update that remains. Run Redis"
+                " with appendonly yes (see the README).",
+                self._where, after)
 
     async def destroy(self) -> None:
         """Delete every key of this namespace (its whole history)."""

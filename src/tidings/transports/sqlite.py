@@ -4,6 +4,12 @@ Appends run on the event loop: with WAL and `synchronous=NORMAL` a commit is a w
 the OS page cache (no fsync), a few tens of microseconds, and it survives a crash of the
 process, which is the promise of an acknowledged publish. Only one process may write the
 file; several workers need a shared bus (Redis or PostgreSQL).
+
+A write that fails (a full disk, a file-size limit, an I/O error) stores nothing: SQLite
+rolls the statement back, the publish answers 507 (full disk) or 503 with the reason, and
+what was acknowledged before stays. The connection stays open, so the first publish after
+space is freed works again, with no restart; the outage is logged when it starts and when
+it ends, not per refused publish.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 
-from tidings.errors import TransportClosed
+from tidings.errors import InsufficientStorage, TransportClosed
 from tidings.hub.update import Update
+from tidings.outage import Outage
+from tidings.sqlitedb import storage_error
 
 __all__ = ["SQLiteTransport"]
 
@@ -76,6 +84,7 @@ class SQLiteTransport:
         self._wakeup = asyncio.Event()
         self._appends_since_prune = 0
         self._closed = False
+        self._outage = Outage(f"the hub's history database {path}")
 
     async def start(self) -> None:
         pass  # the file is opened in __init__: nothing to connect to
@@ -92,26 +101,39 @@ class SQLiteTransport:
             existing.topics, existing.private) == (update.topics, update.private):
             return existing  # the same update sent again (a retried publish): store it once
         stored = update.stored(self._last_seq + 1, time.time())
-        self._db.execute(
-            f"INSERT INTO updates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                stored.seq,
-                stored.id,
-                json.dumps(stored.topics),
-                stored.data,
-                int(stored.private),
-                stored.type,
-                stored.retry,
-                stored.created_at,
-                stored.frame,
-            ),
-        )
+        try:
+            self._db.execute(
+                f"INSERT INTO updates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    stored.seq,
+                    stored.id,
+                    json.dumps(stored.topics),
+                    stored.data,
+                    int(stored.private),
+                    stored.type,
+                    stored.retry,
+                    stored.created_at,
+                    stored.frame,
+                ),
+            )
+        except sqlite3.OperationalError as exc:
+            error = storage_error(exc, "the update was not stored: the hub's history database")
+            self._outage.failed(exc, consequence=(
+                "publishes answer 507 until space is freed on its disk"
+                if isinstance(error, InsufficientStorage) else "publishes answer 503"))
+            raise error from exc
+        self._outage.ok()
         self._last_seq = stored.seq
         self._appended.append(stored)
         self._wakeup.set()
         self._appends_since_prune += 1
         if self._appends_since_prune >= _PRUNE_EVERY:
-            self._prune()
+            try:
+                self._prune()
+            except sqlite3.OperationalError as exc:
+                # The update is stored (and acknowledged); retention catches up later.
+                log.warning("pruning %s failed (%s); trying again after %d appends",
+                            self._path, exc, _PRUNE_EVERY)
         return stored
 
     async def prune(self) -> int:

@@ -1,12 +1,16 @@
 """What every route asks of a request: who is calling (JWT claims) and a bounded body.
 
 Shared by the Mercure endpoint, the collections API and the chat, so that a token is read,
-verified and checked the same way everywhere.
+verified and checked the same way everywhere. Where a request carries its token (header,
+query parameter, cookie names) is HTTP, so it is decided here; what a token allows is
+`hub/auth.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qsl
@@ -14,11 +18,25 @@ from urllib.parse import parse_qsl
 from starlette.types import Message, Receive, Scope
 
 from tidings.errors import BadRequest, PayloadTooLarge, TokenMissing, Unauthorized
-from tidings.hub.auth import Claims, KeyConfig, decode_token, token_from_request
+from tidings.hub.auth import Claims, KeyConfig, decode_token
 
 __all__ = [
     "Access", "RequestParts", "claims_for", "publisher_claims", "read_body", "reader_claims",
+    "token_from_request",
 ]
+
+# Token transport (reference hub, compatibility mode): an `Authorization: Bearer <jwt>`
+# header (scheme case-insensitive, anything else is a 400/401), then the 0.x
+# `authorization` query parameter, then the cookie (`__Secure-mercure_access_token` in
+# 1.0, with `mercureAuthorization` as the 0.x fallback). Draft-08 uses the same order,
+# with `access_token` as the name of the query parameter. The reference hub refuses that
+# parameter (RFC 9700), and it is not accepted here either.
+_COOKIE_NAME = "__Secure-mercure_access_token"
+_LEGACY_COOKIE_NAME = "mercureAuthorization"
+_LEGACY_QUERY_PARAM = "authorization"
+
+# RFC 6750 `b64token` after a case-insensitive `Bearer` scheme (RFC 9110 section 11.1).
+_BEARER = re.compile(r"(?i:bearer) +([A-Za-z0-9\-._~+/]+=*)[ \t]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +78,34 @@ class RequestParts:
             with contextlib.suppress(Exception):
                 parsed.load(raw_cookie)
             self.cookies = {k: m.value for k, m in parsed.items()}
+
+
+def token_from_request(
+    headers: Mapping[str, str], cookies: Mapping[str, str], query: Mapping[str, str]
+) -> str | None:
+    """The request's token, or None when it carries none (an anonymous subscriber).
+
+    Precedence follows the reference hub and spec draft-08: the Authorization header,
+    then the 0.x `authorization` query parameter, then the cookie (1.0 name first,
+    0.x name second). An explicit per-request credential therefore beats an ambient
+    cookie. `headers` keys are lowercase. An Authorization header that is not
+    `Bearer <token>` raises Unauthorized rather than being skipped, so a client never
+    silently falls back to weaker (or no) credentials.
+    """
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        match = _BEARER.fullmatch(authorization)
+        if match is None:
+            raise Unauthorized('malformed Authorization header: expected "Bearer <token>"')
+        return match.group(1)
+    token = query.get(_LEGACY_QUERY_PARAM)
+    if token:
+        return token
+    for name in (_COOKIE_NAME, _LEGACY_COOKIE_NAME):
+        token = cookies.get(name)
+        if token:
+            return token
+    return None
 
 
 def claims_for(parts: RequestParts, key: KeyConfig | None) -> Claims | None:

@@ -1,6 +1,8 @@
 """The collections API: REST over a change feed, and the watch endpoint.
 
     GET    /api/collections                     the collections served
+    PUT    /api/collections/NAME                define a collection (201) or replace it (200)
+    DELETE /api/collections/NAME                drop it, table and documents (204)
     POST   /api/collections/NAME                insert (201, the stored document)
     GET    /api/collections/NAME                list: ?FIELD=VALUE, limit, cursor, sort
     GET    /api/collections/NAME/changes        watch (text/event-stream): ?resume_after=
@@ -12,6 +14,10 @@
 Every answer about documents carries `Tidings-Resume-Token`: the change log's position
 when it was read (or the change it made), so "load, then watch from the token" has no gap.
 
+Defining and dropping (`feeds/definitions.py`) need a publisher token whose publish claim
+matches `/collections/NAME`. The body of a PUT is `{"read", "write", "schema"}` (each
+optional: private, publisher, none); a name the configuration file declares is 409.
+
 Authorization (per collection, from the configuration): writes need a publisher token
 whose publish claim matches `/collections/NAME` (`write = "publisher"`, the default), or
 nothing (`"anyone"`); reads of a `read = "private"` collection (the default) need a token
@@ -22,8 +28,7 @@ whose subscribe claim matches `/collections/NAME` (or, for one document, its own
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import cast
 from urllib.parse import quote
 
 from starlette.requests import Request
@@ -39,32 +44,32 @@ from tidings.errors import (
     TokenMissing,
     Unauthorized,
 )
-from tidings.feeds.base import ChangeFeed
-from tidings.feeds.config import CollectionConfig
+from tidings.feeds.base import ChangeFeed, Token, resolve_in
+from tidings.feeds.catalog import read_only
+from tidings.feeds.config import CollectionConfig, parse_definition, validate_name
+from tidings.feeds.definitions import DefinesCollections, definition_json
 from tidings.feeds.errors import (
+    ConfigError,
     MethodNotAllowed,
     SchemaViolation,
     TokenTooOld,
     UnknownCollection,
 )
-from tidings.feeds.events import JSONObject, ResumeToken
+from tidings.feeds.events import JSONObject
 from tidings.feeds.query import ChangeFilter, ListQuery
 from tidings.hub.auth import Claims
 from tidings.hub.hub import Hub
 from tidings.hub.topics import compile_selector
 from tidings.sse import encode_event
 from tidings.web.access import Access, RequestParts
-from tidings.web.errors import error_response
+from tidings.web.errors import error_response, handles_errors
+from tidings.web.json_input import parse_json_object
 from tidings.web.mercure import stream_subscription
 
-__all__ = ["RESUME_HEADER", "CollectionsAPI"]
+__all__ = ["RESUME_HEADER", "CollectionsAPI", "watched_collection"]
 
 RESUME_HEADER = "Tidings-Resume-Token"
 _JSON = "application/json"
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _error(exc: TidingsError) -> Response:
@@ -85,19 +90,10 @@ def _error(exc: TidingsError) -> Response:
     return JSONResponse(body, status_code=exc.status_hint, headers=headers)
 
 
-def _handles_errors(
-    handler: Callable[[CollectionsAPI, Request], Awaitable[Response]],
-) -> Callable[[CollectionsAPI, Request], Awaitable[Response]]:
-    async def wrapper(self: CollectionsAPI, request: Request) -> Response:
-        try:
-            return await handler(self, request)
-        except TidingsError as exc:
-            return _error(exc)
-
-    return wrapper
+_handles_errors = handles_errors(_error)
 
 
-def _document_response(document: JSONObject, token: ResumeToken, status: int = 200,
+def _document_response(document: JSONObject, token: Token, status: int = 200,
                        headers: dict[str, str] | None = None) -> Response:
     return JSONResponse(document, status_code=status,
                         headers={RESUME_HEADER: str(token), **(headers or {})})
@@ -109,16 +105,22 @@ class CollectionsAPI:
         feed: ChangeFeed | None,
         hub: Hub,
         access: Access,
+        *,
+        uvicorn_fast_path: bool = True,
     ) -> None:
         self.feed = feed
         self.hub = hub
         self.access = access
+        self.uvicorn_fast_path = uvicorn_fast_path  # see web/sinks.py
+        # The watch endpoint, a plain ASGI app: web/app.py may call it directly.
+        self.watch = _WatchEndpoint(self)
 
     def routes(self) -> list[Route]:
         return [
             Route("/api/collections", self.index, methods=["GET"]),
-            Route("/api/collections/{name}", self.collection_root, methods=["GET", "POST"]),
-            Route("/api/collections/{name}/changes", _WatchEndpoint(self), methods=["GET"]),
+            Route("/api/collections/{name}", self.collection_root,
+                  methods=["GET", "POST", "PUT", "DELETE"]),
+            Route("/api/collections/{name}/changes", self.watch, methods=["GET"]),
             Route("/api/collections/{name}/{doc_id}", self.document,
                   methods=["GET", "PUT", "PATCH", "DELETE"]),
         ]
@@ -146,10 +148,7 @@ class CollectionsAPI:
 
     def _authorize_write(self, request: Request, collection: CollectionConfig) -> None:
         if not collection.writable:
-            raise MethodNotAllowed(
-                f"{collection.name} is read-only through the API" + (
-                    " (a watched table: write to it with your application)"
-                    if collection.kind == "table" else ""))
+            raise read_only(collection)
         if collection.write == "anyone":
             return
         claims = self.access.publisher(RequestParts(request.scope),
@@ -160,12 +159,9 @@ class CollectionsAPI:
     async def _body(self, request: Request) -> JSONObject:
         body = await self.access.body(request.receive, RequestParts(request.scope))
         try:
-            value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise BadRequest("a document must be a JSON object")
-        return cast(JSONObject, value)
+            return cast(JSONObject, parse_json_object(body, "the body"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -178,9 +174,46 @@ class CollectionsAPI:
         ]
         return JSONResponse({"collections": collections})
 
+    def _authorize_definition(self, request: Request, name: str) -> None:
+        topic = f"/collections/{name}"
+        claims = self.access.publisher(RequestParts(request.scope),
+                                       doing=f"defining or dropping {name}")
+        if not claims.may_publish([topic]):
+            raise Forbidden(f"the token's publish claim does not cover {topic}")
+
+    def _definer(self) -> DefinesCollections:
+        if self.feed is None:
+            raise ConfigError("collections need a database file or PostgreSQL (--db "
+                              "sqlite:///FILE or postgresql://...)")
+        if not isinstance(self.feed, DefinesCollections):
+            raise MethodNotAllowed("this database's collections cannot be defined here")
+        return self.feed
+
+    async def _define(self, request: Request, name: str) -> Response:
+        self._authorize_definition(request, name)
+        definer = self._definer()
+        config = parse_definition(name, await self._body(request))
+        created = await definer.define(config)
+        body = definition_json(config)
+        if created:
+            return JSONResponse(body, status_code=201,
+                                headers={"Location": f"/api/collections/{name}"})
+        return JSONResponse(body)
+
+    async def _drop(self, request: Request, name: str) -> Response:
+        self._authorize_definition(request, name)
+        definer = self._definer()
+        await definer.undefine(validate_name(name))
+        return Response(status_code=204)
+
     @_handles_errors
     async def collection_root(self, request: Request) -> Response:
-        feed, collection = self._collection(request.path_params["name"])
+        name = request.path_params["name"]
+        if request.method == "PUT":
+            return await self._define(request, name)
+        if request.method == "DELETE":
+            return await self._drop(request, name)
+        feed, collection = self._collection(name)
         if request.method == "POST":
             self._authorize_write(request, collection)
             result = await feed.insert(collection.name, await self._body(request))
@@ -216,6 +249,16 @@ class CollectionsAPI:
         else:
             result = await feed.update(collection.name, doc_id, body)
         return _document_response(result.document, result.token)
+
+
+def watched_collection(path: str) -> str | None:
+    """NAME for the path `/api/collections/NAME/changes` (as the route reads it), else
+    None."""
+    prefix, suffix = "/api/collections/", "/changes"
+    if not (path.startswith(prefix) and path.endswith(suffix)):
+        return None
+    name = path[len(prefix):-len(suffix)]
+    return name if name and "/" not in name else None
 
 
 def _resume_text(parts: RequestParts) -> str | None:
@@ -255,7 +298,7 @@ class _WatchEndpoint:
             last_event_id: str | None = None
             if resume is not None:
                 try:
-                    point = await feed.resolve(resume)
+                    point = await resolve_in(feed, collection.name, resume)
                 except TokenTooOld as exc:
                     await _error_event(send, exc)
                     return
@@ -264,6 +307,7 @@ class _WatchEndpoint:
             connection = api.hub.connect(
                 selectors, claims, last_event_id,
                 accept=None if changes.everything else changes.predicate(),
+                index=changes.index(),
             )
         except TidingsError as exc:
             await error_response(send, exc.status_hint, exc.message, exc=exc)
@@ -277,7 +321,8 @@ class _WatchEndpoint:
                     (b"x-accel-buffering", b"no"),
                     (b"last-event-id", header_id),
                 ]})
-                await stream_subscription(subscription, receive, send)
+                await stream_subscription(subscription, receive, send,
+                                          uvicorn_fast_path=api.uvicorn_fast_path)
         except TidingsError as exc:  # refused by the hub before any header (503)
             await error_response(send, exc.status_hint, exc.message, exc=exc)
 

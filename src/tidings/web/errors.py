@@ -1,9 +1,16 @@
-"""Error responses: one small JSON shape for every 4xx/5xx the hub answers."""
+"""Error responses: one small JSON shape for every 4xx/5xx the hub answers, and the
+decorator that turns a route's `TidingsError` into its response."""
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import Send
 
 from tidings.errors import (
@@ -14,7 +21,29 @@ from tidings.errors import (
     Unauthorized,
 )
 
-__all__ = ["error_response"]
+__all__ = ["error_response", "handles_errors", "router_error"]
+
+API = TypeVar("API")
+Handler = Callable[[API, Request], Awaitable[Response]]
+
+
+def handles_errors(
+    respond: Callable[[TidingsError], Response],
+) -> Callable[[Handler[API]], Handler[API]]:
+    """A route method whose `TidingsError` is answered by `respond(exc)` (each API has
+    its own error body), instead of a 500."""
+
+    def decorate(handler: Handler[API]) -> Handler[API]:
+        @functools.wraps(handler)
+        async def wrapper(api: API, request: Request) -> Response:
+            try:
+                return await handler(api, request)
+            except TidingsError as exc:
+                return respond(exc)
+
+        return wrapper
+
+    return decorate
 
 
 async def error_response(
@@ -37,3 +66,11 @@ async def error_response(
         out.append((b"retry-after", str(exc.retry_after_s).encode()))
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body})
+
+
+async def router_error(request: Request, exc: Exception) -> Response:
+    """The router's own 404 and 405 in the JSON shape of every other error."""
+    if not isinstance(exc, HTTPException):
+        raise exc
+    return JSONResponse({"error": exc.detail, "status": exc.status_code},
+                        status_code=exc.status_code, headers=exc.headers)

@@ -2,15 +2,14 @@
 
 A raw ASGI app rather than a Starlette response so that the stream costs one `send()` per
 batch of frames and nothing else: no per-event wrapping, no polling for disconnects.
+Live frames are written by the hub's flushes through a sink (web/sinks.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import Awaitable, Coroutine
-from typing import Any
+from collections.abc import Awaitable
 from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
@@ -22,15 +21,14 @@ from tidings.errors import (
 )
 from tidings.hub.auth import Claims
 from tidings.hub.hub import Hub, Subscription
-from tidings.hub.subscriber import CloseReason, Subscriber
+from tidings.hub.subscriber import CloseReason
 from tidings.hub.topics import Selector, SelectorKind, compile_selector
-from tidings.hub.update import Update
+from tidings.hub.update import RETRY_RANGE, Update, check_id
 from tidings.web.access import Access, RequestParts
 from tidings.web.errors import error_response
+from tidings.web.sinks import sink_for
 
-__all__ = ["MercureEndpoint", "sink_for", "stream_subscription"]
-
-log = logging.getLogger(__name__)
+__all__ = ["MercureEndpoint", "stream_subscription"]
 
 # Subscribe query parameters that carry selectors, and their kinds (0.x and 1.0 names).
 _SELECTOR_PARAMS: dict[str, SelectorKind] = {
@@ -46,9 +44,11 @@ _MAX_SELECTOR_LENGTH = 2048
 
 
 class MercureEndpoint:
-    def __init__(self, hub: Hub, access: Access) -> None:
+    def __init__(self, hub: Hub, access: Access, *, uvicorn_fast_path: bool = True) -> None:
         self.hub = hub
         self.access = access
+        # Whether live streams may write to uvicorn's transport directly (web/sinks.py).
+        self.uvicorn_fast_path = uvicorn_fast_path
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # A plain function handing back the handler's coroutine: a stream lives for hours,
@@ -92,6 +92,8 @@ class MercureEndpoint:
             or parts.query.get("lastEventID")
             or parts.query.get("last_event_id")
         )
+        if last_event_id is not None:
+            check_id(last_event_id, "Last-Event-ID")
         return selectors, claims, last_event_id
 
     async def subscribe(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -116,7 +118,8 @@ class MercureEndpoint:
             if scope["method"] == "HEAD":
                 await send({"type": "http.response.body", "body": b""})
                 return
-            await stream_subscription(subscription, receive, send)
+            await stream_subscription(subscription, receive, send,
+                                      uvicorn_fast_path=self.uvicorn_fast_path)
         finally:
             await subscription.__aexit__(None, None, None)
 
@@ -151,12 +154,15 @@ class MercureEndpoint:
         await send({"type": "http.response.body", "body": stored.id.encode()})
 
 
-async def stream_subscription(subscription: Subscription, receive: Receive, send: Send) -> None:
+async def stream_subscription(
+    subscription: Subscription, receive: Receive, send: Send, *, uvicorn_fast_path: bool = True
+) -> None:
     """Replay, then hand the connection to the hub's flushes until either side ends it.
 
-    While live, this task only waits for the client to go away; the hub writes through an
-    `AsgiSink`. When the hub closes the subscriber (slow reader, shutdown, token expiry) it
-    interrupts that wait by cancelling this task, then the response is ended cleanly.
+    While live, this task only waits for the client to go away; the hub writes through a
+    sink (web/sinks.py: uvicorn's transport itself when `uvicorn_fast_path` allows). When
+    the hub closes the subscriber (slow reader, shutdown, token expiry) it interrupts that
+    wait by cancelling this task, then the response is ended cleanly.
     """
     sub = subscription.subscriber
     task = asyncio.current_task()
@@ -174,7 +180,7 @@ async def stream_subscription(subscription: Subscription, receive: Receive, send
             subscription.close(CloseReason.CLIENT_GONE)
             return
         if not sub.closed:
-            subscription.go_live(sink_for(send, sub))
+            subscription.go_live(sink_for(send, sub, uvicorn_fast_path=uvicorn_fast_path))
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
@@ -204,105 +210,6 @@ async def _end(send: Send) -> None:
             await send({"type": "http.response.body", "body": b""})
 
 
-class AsgiSink:
-    """Writes a chunk with the ASGI `send` without a task switch when it can.
-
-    `send()` returns a coroutine; it is stepped right here. Under uvicorn a body write
-    finishes in that first step (the bytes go to the socket buffer) unless the connection
-    is paused by flow control, in which case the coroutine is resumed when the future it
-    waits on completes, and the subscriber is told when it has drained. One task switch per
-    delivery costs more than the write itself, so this is the hot path of fan-out.
-    """
-
-    __slots__ = ("_send", "_subscriber")
-
-    def __init__(self, send: Send, subscriber: Subscriber) -> None:
-        self._send = send
-        self._subscriber = subscriber
-
-    def write(self, chunk: bytes) -> bool:
-        coroutine = self._send({"type": "http.response.body", "body": chunk, "more_body": True})
-        return self._step(coroutine)  # type: ignore[arg-type]
-
-    def _step(self, coroutine: Coroutine[Any, Any, None]) -> bool:
-        try:
-            waiting_on = coroutine.send(None)
-        except StopIteration:
-            return True
-        except Exception as exc:  # ClientDisconnected (an OSError) or a closed response
-            log.debug("write to subscriber %s failed: %r", self._subscriber.id, exc)
-            self._subscriber.close(CloseReason.CLIENT_GONE)
-            return True
-        if isinstance(waiting_on, asyncio.Future):
-            # What asyncio.Task does with a future a coroutine yields.
-            waiting_on._asyncio_future_blocking = False
-            waiting_on.add_done_callback(lambda _: self._resume(coroutine))
-        else:  # a bare yield (sleep(0)): try again on the next loop iteration
-            asyncio.get_running_loop().call_soon(self._resume, coroutine)
-        return False
-
-    def _resume(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        if self._step(coroutine):
-            self._subscriber.drained()
-
-
-def sink_for(send: Send, subscriber: Subscriber) -> AsgiSink | UvicornSink:
-    """The cheapest way to write this response's live chunks: straight to the socket when
-    the server is uvicorn's httptools protocol, else through the ASGI `send`."""
-    cycle = getattr(send, "__self__", None)
-    if UvicornSink.fits(cycle):
-        return UvicornSink(cycle, send, subscriber)
-    return AsgiSink(send, subscriber)
-
-
-class UvicornSink:
-    """Writes chunks to uvicorn's transport itself, framed as uvicorn would frame them.
-
-    Fan-out's cost is one write per subscriber per flush, and uvicorn's `send()` around
-    that write (a message dict, a coroutine, its checks) costs more than the write's own
-    Python work: measured here, it is most of the CPU per delivery after the syscall.
-    This is the only place that knows uvicorn's internals: the response cycle that `send`
-    is bound to, with `transport`, `flow` (write paused), `disconnected` and
-    `chunked_encoding`. `fits()` checks all of them, so a uvicorn that changes them gets
-    the plain `AsgiSink` (tests/integration/test_fast_path.py notices that). Everything but
-    live chunks (headers, replay, the end of the response) still goes through `send`, and
-    whenever uvicorn would wait (writing paused by flow control) so does this sink.
-    """
-
-    __slots__ = ("_cycle", "_send", "_subscriber", "_transport")
-
-    def __init__(self, cycle: Any, send: Send, subscriber: Subscriber) -> None:
-        self._cycle = cycle
-        self._transport = cycle.transport
-        self._send = send
-        self._subscriber = subscriber
-
-    @staticmethod
-    def fits(cycle: object) -> bool:
-        return (
-            type(cycle).__module__ == "uvicorn.protocols.http.httptools_impl"
-            and type(cycle).__name__ == "RequestResponseCycle"
-            and getattr(cycle, "chunked_encoding", None) is True
-            and getattr(cycle, "response_started", None) is True
-            and getattr(cycle, "response_complete", None) is False
-            and isinstance(getattr(getattr(cycle, "flow", None), "write_paused", None), bool)
-            and callable(getattr(getattr(cycle, "transport", None), "write", None))
-        )
-
-    def write(self, chunk: bytes) -> bool:
-        cycle = self._cycle
-        if cycle.flow.write_paused or cycle.disconnected:
-            # uvicorn's send() waits for the drain, or sees the client gone. Made here, not
-            # kept: memory per idle subscriber counts.
-            return AsgiSink(self._send, self._subscriber).write(chunk)
-        try:
-            self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        except Exception as exc:  # a transport closed under us
-            log.debug("write to subscriber %s failed: %r", self._subscriber.id, exc)
-            self._subscriber.close(CloseReason.CLIENT_GONE)
-        return True
-
-
 def update_from_form(form: list[tuple[str, str]]) -> Update:
     """Build an update from the publish form's fields (validation included)."""
     fields: dict[str, str] = {}
@@ -318,8 +225,9 @@ def update_from_form(form: list[tuple[str, str]]) -> Update:
     retry_text = fields.get("retry")
     retry: int | None = None
     if retry_text is not None and retry_text != "":
-        if not (retry_text.isascii() and retry_text.isdigit()):
-            raise BadRequest("retry must be ASCII digits")
+        # Length first: int() of thousands of digits is slow, and refused past 4300.
+        if not (retry_text.isascii() and retry_text.isdigit()) or len(retry_text) > 10:
+            raise BadRequest(RETRY_RANGE)
         retry = int(retry_text)
     return Update.create(
         topics,

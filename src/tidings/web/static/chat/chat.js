@@ -182,12 +182,13 @@ function streamTopics() {
   return [...state.me.subscribe, ...joined.map((name) => `/chat/rooms/${name}`)];
 }
 
-// (Re)subscribe when the set of topics changes, resuming after the last id seen.
-function ensureStream() {
+// (Re)subscribe when the set of topics changes, resuming after the last id seen (the
+// first time: after `resumeAfter`, a history page's last_event_id, when there is one).
+function ensureStream(resumeAfter) {
   const topics = streamTopics();
   const key = topics.join(" ");
   if (state.stream && key === state.topicsKey) return;
-  const lastEventId = state.stream ? state.stream.lastEventId : undefined;
+  const lastEventId = state.stream ? state.stream.lastEventId : resumeAfter;
   if (state.stream) {
     state.resubscribing = true;
     state.stream.close();
@@ -221,7 +222,13 @@ function whenLive(timeoutMs) {
 // -- starting ------------------------------------------------------------------------------
 
 async function start() {
-  state.me = await api("GET", "/api/me");
+  // /api/session answers 200 signed in or not: no 401 in a signed-out visitor's console.
+  const session = await api("GET", "/api/session");
+  if (!session.user) {
+    showAuth();
+    return;
+  }
+  state.me = session.user;
   state.ready = false;
   state.pending = [];
   state.convs.clear();
@@ -229,18 +236,41 @@ async function start() {
   $("chat").hidden = false;
   $("account").hidden = false;
   $("me").textContent = state.me.username;
+  const target = parseHash() ?? { room: "general" };
+  // The first conversation's history carries the id of the last update it reflects, and
+  // the stream starts right after it: nothing in between is missed, nothing it has comes
+  // again (an assistant reply mid-stream included). The lists are read after it, so they
+  // are at least as new; the updates they already reflect change nothing when they come.
+  const first = await firstPage(target);
   await loadLists(); // the joined rooms decide the topics
-  ensureStream();
-  // Snapshots are read once the hub has registered the subscription (or its position is
-  // anchored), so anything after them arrives on the stream; overlaps are deduplicated.
-  await whenLive(3000);
-  await loadLists();
+  ensureStream(first ?? undefined);
+  if (first === null) {
+    // No resume point (the target does not exist): read the lists once the hub has
+    // registered the subscription (or its position is anchored), so anything after them
+    // arrives on the stream; overlaps are deduplicated.
+    await whenLive(3000);
+    await loadLists();
+  }
   state.ready = true;
   const pending = state.pending;
   state.pending = [];
   for (const update of pending) apply(update);
   ensureStream();
-  await open(parseHash() ?? { room: "general" });
+  await open(target);
+}
+
+// Load the newest page of `target` (a room or a person) into its conversation; returns
+// the page's last_event_id, or null when it cannot be read.
+async function firstPage(target) {
+  const key = target.room ? roomKey(target.room) : dmKey(state.me.username, target.user);
+  if (target.user === state.me.username) return null;
+  try {
+    const page = await api("GET", `${convPath(target)}/messages?limit=${PAGE}`);
+    addPage(conv(key), page);
+    return page.last_event_id ?? null;
+  } catch {
+    return null; // open() shows what is wrong and where it goes instead
+  }
 }
 
 async function loadLists() {
@@ -360,9 +390,11 @@ async function open(target) {
   $("composer-label").textContent = current.room
     ? `Message #${current.room}` : `Message ${current.user}`;
   $("leave").hidden = !current.room || !joined || current.room === "general";
-  $("export").hidden = !current.room;
-  $("export-format").hidden = !current.room;
+  // A visitor of a room sees its messages and one thing to do: join it.
+  $("export").hidden = !current.room || !joined;
+  $("export-format").hidden = !current.room || !joined;
   $("composer").hidden = !joined;
+  $("composer-hint").hidden = !joined;
   $("send").hidden = !joined;
   $("join").hidden = joined;
   $("composer-error").textContent = "";
@@ -388,16 +420,7 @@ async function loadOlder(key) {
     const params = new URLSearchParams({ limit: String(PAGE) });
     if (entry.oldest !== null) params.set("before", String(entry.oldest));
     const page = await api("GET", `${convPath(parsed)}/messages?${params}`);
-    for (const message of page.messages) {
-      if (!entry.messages.has(message.id) && !entry.deleted?.has(message.id)) {
-        entry.messages.set(message.id, message);
-      } else if (message.assistant) {
-        mergeReply(entry, message); // a streaming reply: keep whichever is further along
-      }
-      if (entry.oldest === null || message.id < entry.oldest) entry.oldest = message.id;
-    }
-    entry.more = page.next_before !== null;
-    entry.loaded = true;
+    addPage(entry, page);
     if (state.current === target) renderMessages(false, true);
   } catch (error) {
     if (error.status !== 401) toast(error.message, "error", "Could not load messages");
@@ -405,6 +428,19 @@ async function loadOlder(key) {
     entry.loading = false;
     $("older").textContent = entry.more ? "" : "Beginning of the conversation";
   }
+}
+
+function addPage(entry, page) {
+  for (const message of page.messages) {
+    if (!entry.messages.has(message.id) && !entry.deleted?.has(message.id)) {
+      entry.messages.set(message.id, message);
+    } else if (message.assistant) {
+      mergeReply(entry, message); // a streaming reply: keep whichever is further along
+    }
+    if (entry.oldest === null || message.id < entry.oldest) entry.oldest = message.id;
+  }
+  entry.more = page.next_before !== null;
+  entry.loaded = true;
 }
 
 function messageNode(message) {
@@ -541,9 +577,18 @@ function renderMessages(toBottom = false, keepOffset = false) {
 }
 
 // Infinite scroll up: near the top, load the page before the oldest message shown.
+// A reader at the bottom stays there when the list's box shrinks (a phone's address bar
+// or keyboard coming up, the header wrapping, a task bar appearing): scrollTop alone
+// would leave the newest messages below the visible area.
+let readerAtBottom = true;
 $("scroller").addEventListener("scroll", () => {
-  if ($("scroller").scrollTop < 80 && state.current) loadOlder(state.current.key);
+  const scroller = $("scroller");
+  readerAtBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 40;
+  if (scroller.scrollTop < 80 && state.current) loadOlder(state.current.key);
 });
+new ResizeObserver(() => {
+  if (readerAtBottom) $("scroller").scrollTop = $("scroller").scrollHeight;
+}).observe($("scroller"));
 
 function startEdit(id) {
   const entry = conv(state.current.key);
@@ -573,6 +618,8 @@ function startEdit(id) {
     el("button", { type: "button", class: "secondary", text: "Cancel",
       onclick: () => renderMessages() }), error));
   area.focus();
+  // The last message's editor is taller than the message was: bring all of it in view.
+  node.scrollIntoView({ block: "nearest" });
 }
 
 async function remove(id) {
@@ -628,31 +675,22 @@ $("composer-form").addEventListener("submit", async (event) => {
   }
 });
 
-$("join").addEventListener("click", async () => {
+// Join or leave the open room, then open `next(room)`: the room itself, or #general.
+async function changeMembership(action, next) {
   const current = state.current;
   if (!current?.room) return;
   try {
-    const room = await api("POST", `/api/rooms/${encodeURIComponent(current.room)}/join`);
+    const room = await api("POST", `/api/rooms/${encodeURIComponent(current.room)}/${action}`);
     state.rooms.set(room.name, { ...state.rooms.get(room.name), ...room });
     ensureStream();
-    await open({ room: room.name });
+    await open({ room: next(room) });
   } catch (error) {
     toast(error.message, "error");
   }
-});
+}
 
-$("leave").addEventListener("click", async () => {
-  const current = state.current;
-  if (!current?.room) return;
-  try {
-    const room = await api("POST", `/api/rooms/${encodeURIComponent(current.room)}/leave`);
-    state.rooms.set(room.name, { ...state.rooms.get(room.name), ...room });
-    ensureStream();
-    await open({ room: "general" });
-  } catch (error) {
-    toast(error.message, "error");
-  }
-});
+$("join").addEventListener("click", () => changeMembership("join", (room) => room.name));
+$("leave").addEventListener("click", () => changeMembership("leave", () => "general"));
 
 // -- exports (long tasks) ------------------------------------------------------------------
 
@@ -683,14 +721,21 @@ function taskUpdate(id, fields) {
 function renderTasks() {
   $("tasks").replaceChildren(...[...state.tasks.entries()].map(([id, task]) => {
     const label = `Export ${task.label ?? ""}`.trim();
+    const progress = task.state === "failed" ? `failed: ${task.error ?? ""}`
+      : task.state === "completed" ? "done" : `${task.percent}% ${task.step}`.trim();
     const parts = [
       el("span", { text: label }),
       el("progress", { max: "100", value: String(task.percent), "aria-label": `${label} progress` }),
-      el("span", { class: "hint", text: task.state === "failed"
-        ? `failed: ${task.error ?? ""}` : `${task.percent}% ${task.step}` }),
+      el("span", { class: "hint", text: progress }),
     ];
     if (task.state === "completed" && task.download) {
       parts.push(el("a", { href: task.download, download: "", text: "Download" }));
+      if (task.format === "csv") {
+        parts.push(el("span", { class: "hint csv-note", text: "(=, +, - and @ cells start with ')",
+          title: "Spreadsheets run cells that start with = + - or @ as formulas (CSV " +
+            "injection): such cells get a leading ' so that they show as text. The JSON " +
+            "export keeps every message as written." }));
+      }
     }
     parts.push(el("button", { type: "button", class: "link", text: "Dismiss",
       onclick: () => { state.tasks.delete(id); renderTasks(); } }));

@@ -1,0 +1,150 @@
+"""The chat's schema as numbered migrations, one list per database.
+
+At start-up each store applies the migrations its database has not yet had, in order,
+in one transaction, under a lock that makes a second process starting at the same time
+wait and then find them applied (SQLite: the write lock `BEGIN IMMEDIATE` takes;
+PostgreSQL: a transaction-level advisory lock of the schema). `chat_schema_version` holds
+one row per migration applied. Migration 1 is the schema the chat had before migrations
+were numbered; its statements are all `IF NOT EXISTS`, so a database made by an earlier
+version is adopted as it is (its data kept) and marked as at version 1.
+
+A new migration is appended to both lists (never edit one that shipped); the two lists
+describe the same tables, each in its database's types.
+"""
+
+from __future__ import annotations
+
+__all__ = ["POSTGRES", "SQLITE", "VERSION_TABLE"]
+
+VERSION_TABLE = "chat_schema_version"
+
+# Migration 1: the tables as the chat had them before migrations were numbered, with
+# each database's types filled in.
+_TABLES_1 = """
+CREATE TABLE IF NOT EXISTS chat_users (
+    username      TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chat_sessions (
+    sid        TEXT PRIMARY KEY,
+    username   TEXT NOT NULL,
+    expires_at {real} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chat_rooms (
+    name       TEXT PRIMARY KEY,
+    created_by TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chat_members (
+    room     TEXT NOT NULL,
+    username TEXT NOT NULL,
+    PRIMARY KEY (room, username)
+);
+CREATE TABLE IF NOT EXISTS chat_dms (
+    conv TEXT PRIMARY KEY,
+    a    TEXT NOT NULL,
+    b    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_dms_a ON chat_dms (a);
+CREATE INDEX IF NOT EXISTS chat_dms_b ON chat_dms (b);
+CREATE TABLE IF NOT EXISTS chat_messages (
+    id         {serial},
+    conv       TEXT NOT NULL,
+    sender     TEXT NOT NULL,
+    content    TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    edited_at  TEXT
+);
+CREATE INDEX IF NOT EXISTS chat_messages_conv ON chat_messages (conv, id);
+CREATE TABLE IF NOT EXISTS chat_reads (
+    username  TEXT NOT NULL,
+    conv      TEXT NOT NULL,
+    last_read {bigint} NOT NULL,
+    PRIMARY KEY (username, conv)
+);
+CREATE TABLE IF NOT EXISTS chat_tasks (
+    id         TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    room       TEXT NOT NULL,
+    format     TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    percent    INTEGER NOT NULL DEFAULT 0,
+    step       TEXT NOT NULL DEFAULT '',
+    result     {blob},
+    error      TEXT,
+    created_at TEXT NOT NULL{task_order}
+);
+CREATE TABLE IF NOT EXISTS chat_replies (
+    id       {bigint} PRIMARY KEY,
+    asker    TEXT NOT NULL,
+    reply_to {bigint},
+    state    TEXT NOT NULL,
+    note     TEXT
+);
+CREATE TABLE IF NOT EXISTS chat_outbox (
+    {outbox},
+    topic TEXT NOT NULL,
+    data  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chat_state (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+)
+"""
+
+_SQLITE_1 = _TABLES_1.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL",
+                             bigint="INTEGER", blob="BLOB", task_order="",
+                             outbox="seq   INTEGER PRIMARY KEY AUTOINCREMENT")
+
+# PostgreSQL's outbox rows get their `seq` when they are *sequenced* (`pg_store.py`), not
+# when they are written: `chat_emit` writes an operation's updates at its end, with no
+# lock, and NOTIFYs the relay only when the relay sleeps (it holds the idle key, which
+# every writer otherwise takes shared until its commit). `chat_sequence` numbers the rows
+# committed and not yet numbered, in `id` order, after the last number given; callers
+# hold `chat_order` (a table with no rows, locked EXCLUSIVE: the lock takes no snapshot,
+# so a REPEATABLE READ transaction can take it before its snapshot).
+_POSTGRES_1 = _TABLES_1.format(
+    serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION", bigint="BIGINT", blob="BYTEA",
+    # PostgreSQL has no rowid: the order tasks were created in.
+    task_order=",\n    n          BIGSERIAL",
+    outbox="id    BIGSERIAL PRIMARY KEY,\n    seq   BIGINT UNIQUE",
+) + """;
+CREATE INDEX IF NOT EXISTS chat_outbox_unsequenced ON chat_outbox (id) WHERE seq IS NULL;
+CREATE TABLE IF NOT EXISTS chat_order ();
+INSERT INTO chat_state VALUES ('sequenced', '0') ON CONFLICT DO NOTHING;
+CREATE OR REPLACE FUNCTION chat_emit(idle_key BIGINT, channel TEXT, topics TEXT[],
+                                     datas TEXT[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    INSERT INTO chat_outbox (topic, data) SELECT * FROM unnest(topics, datas);
+    IF NOT pg_try_advisory_xact_lock_shared(idle_key) THEN
+        PERFORM pg_notify(channel, '');
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION chat_sequence() RETURNS BIGINT
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    base  BIGINT;
+    added BIGINT;
+BEGIN
+    LOCK TABLE chat_order IN EXCLUSIVE MODE;
+    SELECT CAST(value AS BIGINT) INTO base FROM chat_state WHERE name = 'sequenced';
+    UPDATE chat_outbox o SET seq = base + n.rank
+      FROM (SELECT id, row_number() OVER (ORDER BY id) AS rank
+              FROM chat_outbox WHERE seq IS NULL) n
+     WHERE o.id = n.id;
+    GET DIAGNOSTICS added = ROW_COUNT;
+    IF added > 0 THEN
+        UPDATE chat_state SET value = CAST(base + added AS TEXT) WHERE name = 'sequenced';
+    END IF;
+    RETURN base + added;
+END
+$fn$
+"""
+
+# Migration n is item n-1: a script each (SQLite's are run statement by statement, split
+# at `;`; PostgreSQL runs a script as one).
+SQLITE: list[str] = [_SQLITE_1]
+POSTGRES: list[str] = [_POSTGRES_1]

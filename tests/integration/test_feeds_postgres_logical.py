@@ -1,0 +1,200 @@
+"""What only capture by logical decoding has (docs/feeds.md, "Capture by logical
+decoding"): the choice at start-up (`--pg-capture auto` falls back to triggers where the
+role may not replicate; `logical` refuses), switching between the two ways of capturing
+while writers commit without losing or repeating a change, and a lost replication slot,
+after which older resume tokens get the too-old error instead of a silent gap.
+
+The contract both ways keep is test_feeds.py and test_feeds_postgres.py (parametrized
+over the capture). Each test has a schema of its own; its slot is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+
+from tests.conftest import KEY
+from tests.integration.conftest import drop_slot
+from tests.integration.feed_backends import (
+    PostgresDB,
+    eventually,
+    insert,
+    payload,
+    seq_of,
+    watch,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def _metrics(client: httpx.AsyncClient, url: str) -> dict[str, str]:
+    text = (await client.get(f"{url}/metrics")).text
+    return dict(line.rsplit(" ", 1) for line in text.splitlines()
+                if line and not line.startswith("#"))
+
+
+def _info(capture: str) -> str:
+    return f'tidings_feed_info{{backend="postgresql",capture="{capture}"}}'
+
+
+@contextlib.asynccontextmanager
+async def _role_without_replication(pg: PostgresDB) -> AsyncIterator[str]:
+    """A login role that owns the test's schema and tables but may not replicate."""
+    role = "tf_norepl_" + uuid.uuid4().hex[:8]
+    await pg.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOREPLICATION; "
+                     f"GRANT ALL ON SCHEMA {pg.schema} TO {role}; "
+                     f"ALTER TABLE orders OWNER TO {role}")
+    url = pg.url
+    try:
+        yield role
+    finally:
+        pg.url = url
+        await pg.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER; DROP OWNED BY {role}; "
+                         f"DROP ROLE {role}")
+
+
+async def test_auto_falls_back_to_triggers_and_logical_refuses(pg_logical: PostgresDB) -> None:
+    pg = pg_logical
+    async with _role_without_replication(pg) as role:
+        parts = urlsplit(pg.url)
+        pg.url = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.split('@')[-1]}"))
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "tidings", "serve", "--port", "0", "--jwt-key", KEY,
+             "--db", pg.url, "--pg-capture", "logical", *pg._config_args(pg.config)],
+            capture_output=True, text=True, timeout=30, cwd=pg.workdir)
+        assert done.returncode != 0
+        assert "--pg-capture logical: the role has neither REPLICATION nor SUPERUSER" in (
+            done.stderr)
+        pg.capture = "auto"
+        server = pg.start("--log-level", "info")
+        async with httpx.AsyncClient(timeout=10) as client:
+            await insert(client, server.url, {"username": "a", "content": "b"})
+            found = await _metrics(client, server.url)
+            assert found[_info("snapshot-ordered log")] == "1"
+            assert "tidings_feed_slot_lag_bytes" not in found
+        assert "logical decoding unavailable: the role has neither REPLICATION" in server.log()
+        server.stop()
+        assert await pg.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = "
+                                 "'orders'::regclass AND tgname LIKE 'tidings_%'") == 2
+
+
+async def _writer(pg: PostgresDB, stop: asyncio.Event, committed: list[int]) -> None:
+    """Inserts orders, one to three a transaction, until `stop`; notes what committed."""
+    async with pg.connection() as conn:
+        n = 1
+        while not stop.is_set():
+            ids = list(range(n, n + 1 + n % 3))
+            n = ids[-1] + 1
+            async with conn.transaction():
+                for i in ids:
+                    await conn.execute("INSERT INTO orders (id, item) VALUES ($1, 'w')", i)
+            committed.extend(ids)
+            await asyncio.sleep(0.005)
+
+
+async def _triggers(pg: PostgresDB) -> int:
+    return int(str(await pg.fetchval(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders'::regclass "
+        "AND tgname LIKE 'tidings_%'")))
+
+
+async def test_switching_the_capture_loses_and_repeats_nothing(pg_trigger: PostgresDB) -> None:
+    """Triggers, then a second server that starts with logical decoding (it switches the
+    schema: the first one's tailer follows), then a third with triggers again (it decodes
+    what the slot still holds and drops it), while a writer commits all along: every
+    committed change is in the feed once, at dense positions."""
+    pg = pg_trigger
+    first = pg.start()
+    stop, committed = asyncio.Event(), list[int]()
+    writing = asyncio.create_task(_writer(pg, stop, committed))
+    try:
+        await _more(committed)
+        pg.capture = "logical"
+        # Started off the loop: the writer goes on meanwhile, as another program would
+        # (a transaction left open would hold up the replication slot's creation).
+        second = await asyncio.to_thread(pg.start)
+        assert await _triggers(pg) == 0
+        assert await pg.fetchval("SELECT value FROM tidings_feed_state "
+                                 "WHERE name = 'capture'") == "logical"
+        await _more(committed)
+        first.stop()  # the second one tails from here on
+        await _more(committed)
+        pg.capture = "trigger"
+        third = await asyncio.to_thread(pg.start)
+        assert await _triggers(pg) == 2
+        assert await pg.fetchval("SELECT count(*) FROM pg_replication_slots "
+                                 "WHERE slot_name = $1", _slot(pg)) == 0
+        await _more(committed)
+        second.stop()
+    finally:
+        stop.set()
+        await writing
+    assert sorted(committed) == list(range(1, len(committed) + 1))
+    async with httpx.AsyncClient(timeout=10) as client:
+        await pg.published_all()
+        epoch = str(await pg.fetchval("SELECT value FROM tidings_feed_state "
+                                      "WHERE name = 'epoch'"))
+        async with watch(client, third.url, "orders",
+                         [("resume_after", f"{epoch}.0")]) as stream:
+            events = await stream.take(len(committed), timeout_s=30)
+            assert await stream.nothing_within(0.3)
+    ids = [int(str(payload(e)["documentKey"]["id"])) for e in events]  # type: ignore[index]
+    assert sorted(ids) == committed, "a committed change was lost or repeated"
+    assert [seq_of(e.id or "") for e in events] == list(range(1, len(committed) + 1))
+
+
+def _slot(pg: PostgresDB) -> str:
+    from tidings.feeds.postgres.decoding import slot_name
+
+    return slot_name(pg.db_name, pg.schema)
+
+
+async def _more(committed: list[int], count: int = 20) -> None:
+    """Until the writer has committed `count` more transactions' changes."""
+    target = len(committed) + count
+
+    async def enough() -> bool:
+        return len(committed) >= target
+
+    await eventually(enough)
+
+
+async def test_a_lost_slot_makes_older_tokens_too_old(pg_logical: PostgresDB) -> None:
+    """While no server runs, a change commits and the slot is dropped (as PostgreSQL
+    invalidates one past max_slot_wal_keep_size): that change is lost to the feed, so a
+    token from before must get resume_token_too_old, not a silent gap. A new slot takes
+    over; later changes and tokens work."""
+    pg = pg_logical
+    server = pg.start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        old = (await insert(client, server.url, {"username": "a", "content": "0"})).headers[
+            "tidings-resume-token"]
+        await pg.published_all()
+    server.stop()
+    await pg.execute("INSERT INTO orders (id, item) VALUES (1, 'while the slot went')")
+    async with pg.connection() as conn:
+        await drop_slot(conn, pg.schema)
+    server = pg.start()
+    await eventually(lambda: pg.state_at_least("gap_through", 1))
+    assert "replication slot" in server.log() and "lost" in server.log()
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with watch(client, server.url, "orders", [("resume_after", old)]) as stream:
+            event = await stream.next()
+            assert event.event == "error"
+            error = payload(event)
+            assert error["code"] == "resume_token_too_old" and "slot" in str(error["error"])
+        snapshot = (await client.get(f"{server.url}/api/collections/orders")).json()
+        async with watch(client, server.url, "orders",
+                         [("resume_after", snapshot["resume_token"])]) as stream:
+            await pg.execute("INSERT INTO orders (id, item) VALUES (2, 'after')")
+            assert payload(await stream.next())["documentKey"] == {"id": 2}
+

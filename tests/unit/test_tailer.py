@@ -1,0 +1,122 @@
+"""The tailer on the memory transport, with a log in a list: no sockets, no database.
+
+What every backend relies on: entries are published in order, the cursor is saved only
+after the hub acknowledged, a failed attempt starts over from the saved cursor (and the
+transport stores each republished update once), a wake-up makes it read at once, and
+`wait_published` returns when the tailer has published a position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from tidings.errors import ServiceUnavailable
+from tidings.feeds.tailer import Entry, Tailer
+from tidings.hub.hub import Hub
+from tidings.hub.update import Update
+from tidings.transports import open_transport
+
+pytestmark = pytest.mark.anyio
+
+
+class ListLog:
+    """A log in a list; `fail_save_once` makes the first save raise (after publishing)."""
+
+    def __init__(self, entries: int = 0, *, fail_save_once: bool = False) -> None:
+        self.rows: list[int] = list(range(1, entries + 1))
+        self.saved = 0
+        self.saves: list[int] = []
+        self.leads = 0
+        self.fail_save_once = fail_save_once
+        self._changed = asyncio.Condition()
+
+    async def saved_through(self, cursor: int) -> None:
+        """Until a save reaches `cursor` (bounded by the caller's timeout)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.saved >= cursor)
+
+    def append(self, count: int) -> None:
+        last = self.rows[-1] if self.rows else 0
+        self.rows += range(last + 1, last + 1 + count)
+
+    @contextlib.asynccontextmanager
+    async def lead(self, wake: asyncio.Event) -> AsyncIterator[int]:
+        self.leads += 1
+        yield self.saved
+
+    async def read(self, after: int, limit: int) -> list[Entry]:
+        return [(seq, Update.create(["/log"], str(seq), id=f"log-{seq}"))
+                for seq in self.rows if seq > after][:limit]
+
+    async def save(self, cursor: int) -> None:
+        if self.fail_save_once:
+            self.fail_save_once = False
+            raise ServiceUnavailable("the database went away")
+        async with self._changed:
+            self.saved = cursor
+            self.saves.append(cursor)
+            self._changed.notify_all()
+
+    async def wait(self, wake: asyncio.Event) -> None:
+        await wake.wait()
+
+
+def saved_cursor(log: ListLog) -> Callable[[], Awaitable[int]]:
+    async def saved() -> int:
+        return log.saved
+
+    return saved
+
+
+async def started(log: ListLog, batch: int = 3) -> tuple[Hub, Tailer]:
+    hub = Hub(open_transport("memory://"))
+    await hub.start()
+    tailer = Tailer(log, hub, what="test log", unit="entry", batch=batch)
+    tailer.start()
+    return hub, tailer
+
+
+async def stored(hub: Hub) -> list[str]:
+    return [u.id for u in await hub.transport.read_after(0, 1000)]
+
+
+async def test_publishes_in_order_and_saves_after_each_batch() -> None:
+    log = ListLog(7)
+    hub, tailer = await started(log)
+    try:
+        async with asyncio.timeout(5):
+            await log.saved_through(7)
+        assert await stored(hub) == [f"log-{n}" for n in range(1, 8)]
+        assert log.saves == [3, 6, 7]  # batches of 3, each saved after its publishes
+        log.append(2)
+        tailer.wake()
+        await tailer.wait_published(9, saved_cursor(log), timeout_s=5, poll_s=0.01)
+        assert tailer.leading and tailer.published == 9
+    finally:
+        await tailer.stop()
+        await hub.stop()
+
+
+async def test_a_failed_save_republishes_from_the_saved_cursor_once() -> None:
+    log = ListLog(2, fail_save_once=True)
+    hub, tailer = await started(log)
+    try:
+        async with asyncio.timeout(5):
+            await log.saved_through(2)
+        assert log.leads == 2  # the first attempt failed at its save and started over
+        assert await stored(hub) == ["log-1", "log-2"]  # republished, stored once
+    finally:
+        await tailer.stop()
+        await hub.stop()
+
+
+async def test_wait_published_times_out_while_behind() -> None:
+    hub = Hub(open_transport("memory://"))
+    tailer = Tailer(ListLog(), hub, what="test log", unit="entry")
+
+    with pytest.raises(ServiceUnavailable, match="behind"):
+        await tailer.wait_published(1, saved_cursor(ListLog()), timeout_s=0.05, poll_s=0.01)
