@@ -51,7 +51,8 @@ class HubProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tidings", "serve", "--port", "0", "--db", self.db,
-             "--jwt-key", KEY, "--log-level", "warning", *self.args],
+             "--jwt-key", KEY, "--log-level", os.environ.get("TIDINGS_TEST_LOG_LEVEL", "warning"),
+             *self.args],
             cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.monotonic() + timeout_s

@@ -303,13 +303,20 @@ async def leading(
 
 
 async def close_quietly(conn: Connection) -> None:
-    """Close politely within a bound, else abort: a close never raises or hangs."""
+    """Close politely within a bound, else abort: a close never hangs, and raises only
+    the caller's cancellation."""
     if conn.is_closed():
         return
     try:
         await conn.close(timeout=CLOSE_TIMEOUT_S)
-    except (Exception, asyncio.CancelledError):
+    except Exception:
         conn.terminate()
+    except asyncio.CancelledError:
+        # Aborted, and the cancellation goes on: a task stopped while closing (a tailer
+        # whose `stop` came as it closed after a failure) must not take it for a failure
+        # and retry forever.
+        conn.terminate()
+        raise
 
 
 async def close_pool(pool: Pool) -> None:

@@ -40,6 +40,11 @@ async def run_with_backoff(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Stopped, and something on the way out turned the cancellation into
+                # another error (or swallowed it): stop, do not retry.
+                raise asyncio.CancelledError() from exc
             if time.monotonic() - began > 2 * MAX_BACKOFF_S:
                 backoff_s, in_a_row = FIRST_BACKOFF_S, 0
             in_a_row += 1

@@ -39,6 +39,34 @@ async def test_cancellation_is_not_retried() -> None:
         await task
 
 
+async def test_a_cancellation_swallowed_on_the_way_out_still_stops_the_loop() -> None:
+    """A stop that arrives while a failed attempt cleans up (closing a connection that
+    catches the cancellation and aborts) leaves the attempt's own error propagating: the
+    loop must end, not retry forever with nobody left to cancel it again."""
+    cleaning_up = asyncio.Event()
+    attempts: list[int] = []
+
+    async def attempt() -> None:
+        attempts.append(len(attempts))
+        if len(attempts) > 1:
+            return  # a retry: the loop ends without the cancellation
+        try:
+            raise ConnectionError("the hub is shutting down")
+        finally:
+            try:
+                cleaning_up.set()
+                await asyncio.Event().wait()  # a close that waits for the server
+            except asyncio.CancelledError:
+                pass  # aborted instead, the cancellation lost
+
+    task = asyncio.create_task(run_with_backoff(attempt, what="test", position=lambda: 0))
+    await cleaning_up.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert attempts == [0]
+
+
 async def test_an_outage_is_one_warning_and_the_retries_are_debug(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -229,6 +229,8 @@ class Hub:
         where the transport can (`BatchAppend`), else one after the other; either way what
         is stored when this raises is a prefix, so publishing them again (the transport
         stores each identical update once) keeps the order."""
+        if not updates:
+            return
         if self._stopping:
             raise ServiceUnavailable("the hub is shutting down")
         transport = self.transport

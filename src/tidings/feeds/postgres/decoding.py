@@ -325,6 +325,9 @@ class Decoder:
             done = await self._step(conn, upto=upto, drain=False, wait_s=wait_s)
             if conn.is_in_transaction():
                 await conn.execute("COMMIT")
+        except asyncio.CancelledError:
+            conn.terminate()  # the tailer is stopping: its session ends anyway
+            raise
         except BaseException:
             if not conn.is_closed() and conn.is_in_transaction():
                 await conn.execute("ROLLBACK")
