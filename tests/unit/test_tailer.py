@@ -31,6 +31,7 @@ class ListLog:
         self.saved = 0
         self.saves: list[int] = []
         self.leads = 0
+        self.reads: list[tuple[int, int]] = []  # (after, saved then)
         self.fail_save_once = fail_save_once
         self._changed = asyncio.Condition()
 
@@ -49,10 +50,13 @@ class ListLog:
         yield self.saved
 
     async def read(self, after: int, limit: int) -> list[Entry]:
+        self.reads.append((after, self.saved))
+        await asyncio.sleep(0)  # a read takes a while: the publish of a page read ahead runs
         return [(seq, Update.create(["/log"], str(seq), id=f"log-{seq}"))
                 for seq in self.rows if seq > after][:limit]
 
     async def save(self, cursor: int) -> None:
+        await asyncio.sleep(0)  # a save takes a while too: a read ahead runs meanwhile
         if self.fail_save_once:
             self.fail_save_once = False
             raise ServiceUnavailable("the database went away")
@@ -72,10 +76,11 @@ def saved_cursor(log: ListLog) -> Callable[[], Awaitable[int]]:
     return saved
 
 
-async def started(log: ListLog, batch: int = 3) -> tuple[Hub, Tailer]:
+async def started(log: ListLog, batch: int = 3, read_ahead: bool = False) -> tuple[Hub, Tailer]:
     hub = Hub(open_transport("memory://"))
     await hub.start()
-    tailer = Tailer(log, hub, what="test log", unit="entry", batch=batch)
+    tailer = Tailer(log, hub, what="test log", unit="entry", batch=batch,
+                    read_ahead=read_ahead)
     tailer.start()
     return hub, tailer
 
@@ -84,9 +89,10 @@ async def stored(hub: Hub) -> list[str]:
     return [u.id for u in await hub.transport.read_after(0, 1000)]
 
 
-async def test_publishes_in_order_and_saves_after_each_batch() -> None:
+@pytest.mark.parametrize("read_ahead", [False, True])
+async def test_publishes_in_order_and_saves_after_each_batch(read_ahead: bool) -> None:
     log = ListLog(7)
-    hub, tailer = await started(log)
+    hub, tailer = await started(log, read_ahead=read_ahead)
     try:
         async with asyncio.timeout(5):
             await log.saved_through(7)
@@ -101,14 +107,29 @@ async def test_publishes_in_order_and_saves_after_each_batch() -> None:
         await hub.stop()
 
 
-async def test_a_failed_save_republishes_from_the_saved_cursor_once() -> None:
+@pytest.mark.parametrize("read_ahead", [False, True])
+async def test_a_failed_save_republishes_from_the_saved_cursor_once(read_ahead: bool) -> None:
     log = ListLog(2, fail_save_once=True)
-    hub, tailer = await started(log)
+    hub, tailer = await started(log, read_ahead=read_ahead)
     try:
         async with asyncio.timeout(5):
             await log.saved_through(2)
         assert log.leads == 2  # the first attempt failed at its save and started over
         assert await stored(hub) == ["log-1", "log-2"]  # republished, stored once
+    finally:
+        await tailer.stop()
+        await hub.stop()
+
+
+async def test_read_ahead_reads_the_next_page_before_this_one_is_saved() -> None:
+    log = ListLog(7)
+    hub, tailer = await started(log, read_ahead=True)
+    try:
+        async with asyncio.timeout(5):
+            await log.saved_through(7)
+        # Each page after the first is read while the one before it is published.
+        assert log.reads[:3] == [(0, 0), (3, 0), (6, 3)]
+        assert await stored(hub) == [f"log-{n}" for n in range(1, 8)]
     finally:
         await tailer.stop()
         await hub.stop()

@@ -8,7 +8,8 @@ entry alone), which the hub's transport stores once. So every committed entry re
 the hub's history exactly once, and from there every subscriber, live or resuming.
 
 This module is that loop, once. It publishes a page of entries at once (`publish_many`:
-one commit for the page where the hub's transport can), in order. A backend (`Source`)
+one commit for the page where the hub's transport can), in order; where the source
+allows, it reads the next page while one is published. A backend (`Source`)
 says how to read and how to save, how to wait for more (an event set by its own writes,
 a NOTIFY, a poll), and how to become the one tailer among processes (a file lock, a
 session advisory lock, or nothing). The loop runs under `run_with_backoff`: when the
@@ -75,6 +76,7 @@ class Tailer:
         batch: int = 500,
         after_save: Callable[[], Awaitable[object]] | None = None,
         after_save_every_s: float = 0.0,
+        read_ahead: bool = False,
     ) -> None:
         self._source = source
         self._hub = hub
@@ -84,6 +86,10 @@ class Tailer:
         self._after_save = after_save
         self._after_save_every_s = after_save_every_s
         self._last_after_save = 0.0
+        # Read the next page while one is published: for a source whose `read`
+        # may run beside its `save` and the hub's commit (it reads on a connection of
+        # its own).
+        self._read_ahead = read_ahead
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -147,24 +153,42 @@ class Tailer:
 
     async def _tail(self) -> None:
         source = self._source
-        while True:
-            # Cleared before reading: an entry written while we read or publish makes
-            # the wait below return at once.
-            self._wake.clear()
-            entries = await source.read(self.published, self._batch)
-            # The page in one go (one commit where the transport can batch): what is
-            # stored if this fails is a prefix, which the next attempt stores once again.
-            await self._hub.publish_many([update for _, update in entries
-                                          if update is not None])
-            if entries:
-                self.published = entries[-1][0]
-                # Saved only after the hub acknowledged: a crash before this republishes
-                # the batch, and the transport stores each identical update once.
-                await source.save(self.published)
-                self._notify_progress()
-                await self._housekeeping()
-            if len(entries) < self._batch:
-                await source.wait(self._wake)
+        ahead: asyncio.Task[Sequence[Entry]] | None = None
+        try:
+            while True:
+                if ahead is None:
+                    # Cleared before reading: an entry written while we read or publish
+                    # makes the wait below return at once.
+                    self._wake.clear()
+                    entries = await source.read(self.published, self._batch)
+                else:
+                    entries, ahead = await ahead, None
+                if self._read_ahead and entries:
+                    # Entries are coming: read the next page while this one is published
+                    # (the read and the hub's commit wait on different connections); it
+                    # is published only after this one is.
+                    self._wake.clear()
+                    ahead = asyncio.create_task(source.read(entries[-1][0], self._batch))
+                # The page in one go (one commit where the transport can batch): what is
+                # stored if this fails is a prefix, which the next attempt stores again.
+                await self._hub.publish_many([update for _, update in entries
+                                              if update is not None])
+                if entries:
+                    self.published = entries[-1][0]
+                    # Saved only after the hub acknowledged: a crash before this
+                    # republishes the page, and the transport stores each identical
+                    # update once.
+                    await source.save(self.published)
+                    self._notify_progress()
+                    await self._housekeeping()
+                if ahead is None and len(entries) < self._batch:
+                    await source.wait(self._wake)
+        finally:
+            if ahead is not None:  # this attempt failed or is stopped: the next one
+                ahead.cancel()     # reads that page again
+                await asyncio.wait({ahead})
+                if not ahead.cancelled():
+                    ahead.exception()  # retrieved, so not logged as never retrieved
 
     def _notify_progress(self) -> None:
         self._progress.set()
