@@ -141,3 +141,38 @@ async def test_wait_published_times_out_while_behind() -> None:
 
     with pytest.raises(ServiceUnavailable, match="behind"):
         await tailer.wait_published(1, saved_cursor(ListLog()), timeout_s=0.05, poll_s=0.01)
+
+
+class SwallowingLog(ListLog):
+    """A log whose wait swallows the first cancellation, as library code closing a
+    connection may."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.swallowed = 0
+        self.waiting = asyncio.Event()
+
+    async def wait(self, wake: asyncio.Event) -> None:
+        self.waiting.set()
+        try:
+            await wake.wait()
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed += 1
+
+
+async def test_stop_ends_the_loop_even_when_a_cancellation_is_swallowed() -> None:
+    log = SwallowingLog()
+    hub, tailer = await started(log)
+    try:
+        async with asyncio.timeout(5):
+            await log.waiting.wait()
+        stopping = asyncio.create_task(tailer.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=4)
+        if not done:  # (before the fix: it waits forever) cancelled, so the test ends
+            stopping.cancel()
+        assert stopping in done
+        assert log.swallowed == 1
+    finally:
+        await hub.stop()

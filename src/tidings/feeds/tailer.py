@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -32,6 +33,11 @@ from tidings.hub.update import Update
 from tidings.retry import run_with_backoff
 
 __all__ = ["Entry", "Source", "Tailer"]
+
+log = logging.getLogger(__name__)
+
+# How long `stop` waits for the loop to end before cancelling it again.
+_STOP_AGAIN_S = 1.0
 
 # One entry of the log: its position, and the update to publish for it (None: nothing to
 # publish, e.g. an entry that cannot be read; the cursor still moves past it).
@@ -106,10 +112,13 @@ class Tailer:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        while task is not None and not task.done():
+            # Again if need be: a cancellation that library code swallowed on the way
+            # out (while closing a connection, say) must not leave the loop running.
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=_STOP_AGAIN_S)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            log.warning("the %s ended with %r", self._what, task.exception())
 
     async def published_through(self, saved: Callable[[], Awaitable[int]]) -> int:
         """How far the log is published: by this tailer while it leads, else the saved
