@@ -162,3 +162,20 @@ async def test_collection_watches_take_the_fast_path_too(
         missing = await client.get(base + "/api/collections/nothing/changes")
         assert missing.status_code == 404  # the endpoint's own errors, either way
     assert sinks == [UvicornSink if fast_path and not cors else AsgiSink]
+
+
+async def test_a_signed_in_chat_window_takes_the_fast_path(tmp_path: Path) -> None:
+    """The chat counts a signed-in user's streams for presence by wrapping `send`; the
+    hub's sink sees through that wrapper."""
+    settings = Settings(db=f"sqlite:///{tmp_path / 'chat.db'}", jwt_key=KEY, chat=True)
+    app = create_app(settings)
+    async with serve(app, lifespan="on") as url, httpx.AsyncClient(timeout=10) as client:
+        base = url.rstrip("/")
+        signed_up = await client.post(base + "/api/auth/signup",
+                                      json={"username": "ada", "password": "correct horse battery"})
+        assert signed_up.status_code == 201, signed_up.text
+        async with open_stream(client, base, [("topic", "/fast")]) as stream:
+            assert (await publish(client, base, "/fast", "x")).status_code == 200
+            assert (await stream.next()).data == "x"
+            sinks = [type(sub.sink) for sub in app.hub._subscribers]
+    assert sinks == [UvicornSink]

@@ -9,6 +9,8 @@ one scan of the request headers.
 
 from __future__ import annotations
 
+import functools
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tidings.chat.presence import Connection
@@ -50,6 +52,9 @@ class ChatStreams:
         service = self.service
         opened: list[Connection] = []
 
+        # `wraps`: the hub's sink finds uvicorn's response cycle through `__wrapped__`
+        # and writes live chunks straight to it (web/sinks.py); only the start is tracked.
+        @functools.wraps(send)
         async def tracking_send(message: Message) -> None:
             if (message["type"] == "http.response.start" and message["status"] == 200
                     and not opened):

@@ -48,9 +48,11 @@ def sink_for(send: Send, subscriber: Subscriber, *, uvicorn_fast_path: bool = Tr
              ) -> AsgiSink | UvicornSink:
     """The cheapest way to write this response's live chunks: straight to the socket when
     the server is uvicorn's httptools protocol (unless switched off), else through the
-    ASGI `send`."""
+    ASGI `send`. A middleware's wrapper of uvicorn's `send` that only watches the
+    response start (`functools.wraps`, as the chat's presence tracking does) is seen
+    through."""
     if uvicorn_fast_path:
-        cycle = getattr(send, "__self__", None)
+        cycle = getattr(getattr(send, "__wrapped__", send), "__self__", None)
         if UvicornSink.fits(cycle):
             return UvicornSink(cycle, send, subscriber)
     return AsgiSink(send, subscriber)
