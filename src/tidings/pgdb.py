@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -61,6 +61,7 @@ __all__ = [
     "leading",
     "open_pool",
     "pooled",
+    "setting_up",
     "split_url",
 ]
 
@@ -225,6 +226,20 @@ async def open_pool(dsn: str, *, application_name: str, max_size: int = _POOL_MA
         )
     except UNAVAILABLE as exc:
         raise ServiceUnavailable(f"cannot use PostgreSQL at {describe(dsn)}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def setting_up(pool: Pool, what: str) -> Iterator[Pool]:
+    """Around a new pool's first use (creating tables, reading where it stands): on any
+    failure the pool is aborted, leaving no session behind, and a server that is away (or
+    refuses) becomes ServiceUnavailable("`what`: the error")."""
+    try:
+        yield pool
+    except BaseException as exc:
+        pool.terminate()
+        if isinstance(exc, UNAVAILABLE):
+            raise ServiceUnavailable(f"{what}: {exc}") from exc
+        raise
 
 
 async def connect(

@@ -72,6 +72,7 @@ from tidings.pgdb import (
     leading,
     open_pool,
     pooled,
+    setting_up,
     split_url,
 )
 
@@ -170,7 +171,7 @@ class PostgresDatabase:
 
     async def open(self) -> None:
         pool = await open_pool(self._dsn, application_name="tidings-chat")
-        try:
+        with setting_up(pool, f"the chat cannot use PostgreSQL at {describe(self._dsn)}"):
             async with pooled(pool) as conn:
                 schema = await conn.fetchval("SELECT current_schema()")
                 if not isinstance(schema, str):
@@ -179,12 +180,6 @@ class PostgresDatabase:
                         "search_path's schemas exists (create it, or set ?search_path=)")
                 self._keys = _Keys.of(schema)
                 self.epoch = await migrate(conn, self._keys)
-        except BaseException as exc:
-            pool.terminate()
-            if isinstance(exc, UNAVAILABLE):
-                raise ServiceUnavailable(
-                    f"the chat cannot use PostgreSQL at {describe(self._dsn)}: {exc}") from exc
-            raise
         self._pool = pool
 
     async def close(self) -> None:

@@ -71,6 +71,7 @@ from tidings.pgdb import (
     describe,
     open_pool,
     pooled,
+    setting_up,
     split_url,
 )
 
@@ -235,7 +236,7 @@ class PostgresTransport:
         if self._pool is not None:
             return
         pool = await open_pool(self._dsn, application_name=f"tidings:{self.namespace}")
-        try:
+        with setting_up(pool, f"cannot use PostgreSQL at {self._where}"):
             async with pool.acquire() as conn:
                 # Under the append lock: two processes starting together would otherwise
                 # race on CREATE TABLE IF NOT EXISTS (a unique violation in the catalog).
@@ -247,9 +248,6 @@ class PostgresTransport:
                     conn.terminate()  # the server rolls back; the pool makes a new one
                     raise
                 self._last_seq = cast(int, await conn.fetchval(self._sql_last_seq))
-        except UNAVAILABLE as exc:
-            pool.terminate()
-            raise ServiceUnavailable(f"cannot use PostgreSQL at {self._where}: {exc}") from exc
         self._pool = pool
         self._writer = asyncio.create_task(self._write_batches(), name="tidings-pg-writer")
         self._writer.add_done_callback(self._fail_queued)

@@ -22,6 +22,7 @@ from tidings.pgdb import (
     close_quietly,
     connect,
     open_pool,
+    setting_up,
     split_url,
 )
 
@@ -42,10 +43,12 @@ class PostgresStates:
         return self._pool
 
     async def open(self) -> None:
-        self._pool = await open_pool(self._dsn, application_name="tidings-mongo")
-        async with self._pool.acquire() as conn:
-            self._schema = str(await conn.fetchval("SELECT current_schema()"))
-            await conn.execute(CREATE_TABLE)
+        pool = await open_pool(self._dsn, application_name="tidings-mongo")
+        with setting_up(pool, "the MongoDB stream state cannot use PostgreSQL"):
+            async with pool.acquire() as conn:
+                self._schema = str(await conn.fetchval("SELECT current_schema()"))
+                await conn.execute(CREATE_TABLE)
+        self._pool = pool
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -61,7 +61,6 @@ from tidings.hub.hub import EARLIEST, Hub
 from tidings.hub.update import Update
 from tidings.pgdb import (
     COMMAND_TIMEOUT_S,
-    UNAVAILABLE,
     Connection,
     LockNotAvailable,
     Pool,
@@ -70,6 +69,7 @@ from tidings.pgdb import (
     connect,
     leading,
     open_pool,
+    setting_up,
     split_url,
 )
 from tidings.retry import run_with_backoff
@@ -129,7 +129,7 @@ class PostgresFeed(Documents):
         the database is only the hub's history), start tailing, and listen for changes of
         the registries."""
         pool = await self._open_pool()
-        try:
+        with setting_up(pool, f"cannot use PostgreSQL at {self._where}"):
             async with pool.acquire() as conn:
                 self._log = await current_log(conn)
                 self._db_name = str(await conn.fetchval("SELECT current_database()"))
@@ -138,12 +138,6 @@ class PostgresFeed(Documents):
                     "SELECT to_regclass($1)", self._log.watched) is not None
                 if self.active:
                     await self._setup(pool, conn)
-        except BaseException as exc:
-            pool.terminate()
-            if isinstance(exc, UNAVAILABLE):
-                raise ServiceUnavailable(
-                    f"cannot use PostgreSQL at {self._where}: {exc}") from exc
-            raise
         if self.active:
             self._pool = pool
             self._tailer.start()
@@ -164,7 +158,7 @@ class PostgresFeed(Documents):
                      changes.schema)
         wanted = await self._choose(conn)
         decoder = self._decoder = changes.decoder(self._db_name)
-        if wanted == "logical" and await self._stored_mode(conn) != "logical":
+        if wanted == "logical" and await changes.stored_mode(conn) != "logical":
             # Before the switch's boundary (below): the slot decodes every transaction
             # that commits after it is made. A log already in logical mode whose slot is
             # gone gets no new one here: the tailer notices the gap (SlotLost).
@@ -193,11 +187,6 @@ class PostgresFeed(Documents):
                      decoder.slot)
         self.mode = wanted
         self._catalog = Catalog(shapes)
-
-    async def _stored_mode(self, conn: Connection) -> str:
-        if await conn.fetchval("SELECT to_regclass($1)", self._log.state) is None:
-            return "trigger"
-        return await self._log.mode(conn)
 
     async def _choose(self, conn: Connection) -> str:
         """The capture this process asks for (`--pg-capture`), logged with why."""
@@ -267,14 +256,9 @@ class PostgresFeed(Documents):
             if self.active:
                 return
             pool = await self._open_pool()
-            try:
+            with setting_up(pool, f"PostgreSQL at {self._where}"):
                 async with pool.acquire() as conn:
                     await self._setup(pool, conn)
-            except BaseException as exc:
-                pool.terminate()
-                if isinstance(exc, UNAVAILABLE):
-                    raise ServiceUnavailable(f"PostgreSQL at {self._where}: {exc}") from exc
-                raise
             self._pool = pool
             self.active = True
             self._tailer.start()
