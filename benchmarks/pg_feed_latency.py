@@ -49,22 +49,11 @@ import asyncpg
 
 from tidings.bench.http import ChunkedDecoder, close, parse_head
 from tidings.bench.procstat import cpu_s, loader_cpu_s, raise_fd_limit
+from tidings.bench.results import percentiles
 from tidings.feeds.postgres.decoding import slot_name
 from tidings.sse import EventParser
 
 KEY = "pg-feed-latency-benchmark-key-0123456789abcdef"
-
-
-def percentiles(samples_s: list[float]) -> str:
-    if not samples_s:
-        return "no samples"
-    ordered = sorted(samples_s)
-
-    def at(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
-
-    return (f"n={len(ordered)} p50={at(0.5):.1f} p90={at(0.9):.1f} p99={at(0.99):.1f} "
-            f"max={ordered[-1] * 1000:.1f} ms")
 
 
 class Subscriber:

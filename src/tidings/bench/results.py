@@ -8,7 +8,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BenchResult", "LatencySummary", "ServerStats", "ms_summary"]
+__all__ = ["BenchResult", "LatencySummary", "ServerStats", "ms_summary", "percentiles"]
+
+
+def percentiles(samples_s: Sequence[float]) -> str:
+    """One line of latency percentiles of `samples_s` (seconds), in ms: the benchmarks'
+    scripts print this (benchmarks/)."""
+    if not samples_s:
+        return "no samples"
+    ordered = sorted(samples_s)
+
+    def at(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+    return (f"n={len(ordered)} p50={at(0.5):.1f} p90={at(0.9):.1f} p99={at(0.99):.1f} "
+            f"max={ordered[-1] * 1000:.1f} ms")
 
 
 @dataclass(frozen=True, slots=True)

@@ -309,15 +309,12 @@ class ChatService:
 
     async def post(self, me: str, conversation: Conversation, content: object) -> Message:
         text = check_content(content)
-        ask = conversation.room is not None and ASSISTANT in mentions(text)
+        named = mentions(text)
+        ask = conversation.room is not None and ASSISTANT in named
         if ask:
             self.replies.check_prompt(text, "content")
-        wait_s = await self.limiter.hit(me)
-        if wait_s:
-            raise RateLimited(
-                f"at most {self.limiter.limit} messages in {self.limiter.window_s:g} s; "
-                f"wait {wait_s} s", wait_s)
-        message, notified = await self.store.post(conversation, me, text, mentions(text))
+        await self._charge(me)
+        message, notified = await self.store.post(conversation, me, text, named)
         if notified:
             log.debug("chat: message %s mentions %s", message.id, notified)
         if ask:
@@ -342,12 +339,16 @@ class ChatService:
         self.replies.check_prompt(prompt, "prompt")
         if not self.replies.configured:
             raise ServiceUnavailable("no assistant is configured on this server")
+        await self._charge(me)
+        return self.replies.private(me, conversation, prompt)
+
+    async def _charge(self, me: str) -> None:
+        """Count one message against `me`'s rate limit (429 when it is spent)."""
         wait_s = await self.limiter.hit(me)
         if wait_s:
             raise RateLimited(
                 f"at most {self.limiter.limit} messages in {self.limiter.window_s:g} s; "
                 f"wait {wait_s} s", wait_s)
-        return self.replies.private(me, conversation, prompt)
 
     async def history(self, conversation: Conversation, before: str | None,
                       limit: str | None) -> dict[str, object]:

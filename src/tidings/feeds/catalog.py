@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Generic, Protocol, TypeVar, cast
 
 from tidings.feeds.config import CollectionConfig, check_document_id, own_fields
@@ -47,6 +48,9 @@ class Catalog(Generic[S]):
     def __init__(self, shapes: Mapping[str, S] | None = None) -> None:
         self._shapes: dict[str, S] = dict(shapes or {})
         self._by_lower = {name.lower(): name for name in self._shapes}
+        # Built once: a catalog is replaced, never changed, and this is read per request.
+        self._configs = MappingProxyType(
+            {name: shape.config for name, shape in self._shapes.items()})
 
     def __contains__(self, name: str) -> bool:
         return name in self._shapes
@@ -57,7 +61,7 @@ class Catalog(Generic[S]):
 
     @property
     def configs(self) -> Mapping[str, CollectionConfig]:
-        return {name: shape.config for name, shape in self._shapes.items()}
+        return self._configs
 
     def find(self, name: str, *, any_case: bool = False) -> S | None:
         """The shape named `name` (`any_case`: however the name is capitalized, as SQLite

@@ -153,6 +153,8 @@ class Subscription:
 class Hub:
     def __init__(self, transport: Transport, config: HubConfig | None = None) -> None:
         self.transport = transport
+        # Checked once: a runtime protocol check walks the protocol's members.
+        self._batch_append = transport if isinstance(transport, BatchAppend) else None
         self.config = config or HubConfig()
         self.metrics = Metrics()
         self._subscribers: set[Subscriber] = set()
@@ -233,14 +235,13 @@ class Hub:
             return
         if self._stopping:
             raise ServiceUnavailable("the hub is shutting down")
-        transport = self.transport
-        if isinstance(transport, BatchAppend):
-            stored = await transport.append_many(updates)
+        if self._batch_append is not None:
+            stored = await self._batch_append.append_many(updates)
             self.metrics.published += len(updates)
         else:
             stored = []
             for update in updates:
-                stored.append(await transport.append(update))
+                stored.append(await self.transport.append(update))
                 self.metrics.published += 1
         if stored:
             # Right after this turn, not inside it: the publisher (a feed's tailer) goes

@@ -39,10 +39,8 @@ from starlette.types import Receive, Scope, Send
 from tidings.errors import (
     BadRequest,
     Forbidden,
-    ServiceUnavailable,
     TidingsError,
     TokenMissing,
-    Unauthorized,
 )
 from tidings.feeds.base import ChangeFeed, Token, resolve_in
 from tidings.feeds.catalog import read_only
@@ -62,9 +60,9 @@ from tidings.hub.hub import Hub
 from tidings.hub.topics import compile_selector
 from tidings.sse import encode_event
 from tidings.web.access import Access, RequestParts
-from tidings.web.errors import error_response, handles_errors
+from tidings.web.errors import error_headers, error_response, handles_errors
 from tidings.web.json_input import parse_json_object
-from tidings.web.mercure import stream_subscription
+from tidings.web.mercure import SSE_HEADERS, stream_subscription
 
 __all__ = ["RESUME_HEADER", "CollectionsAPI", "watched_collection"]
 
@@ -74,18 +72,10 @@ _JSON = "application/json"
 
 def _error(exc: TidingsError) -> Response:
     body: dict[str, object] = {"error": exc.message, "status": exc.status_hint}
-    headers: dict[str, str] = {}
+    headers = {name.decode(): value.decode() for name, value in error_headers(exc)}
     if isinstance(exc, SchemaViolation):
         body["errors"] = [dict(e) for e in exc.errors]
-    if isinstance(exc, TokenMissing):
-        headers["WWW-Authenticate"] = 'Bearer realm="tidings"'
-    elif isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = 'Bearer realm="tidings", error="invalid_token"'
-    elif isinstance(exc, Forbidden):
-        headers["WWW-Authenticate"] = 'Bearer realm="tidings", error="insufficient_scope"'
-    elif isinstance(exc, ServiceUnavailable):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    elif isinstance(exc, MethodNotAllowed):
+    if isinstance(exc, MethodNotAllowed):
         headers["Allow"] = "GET"
     return JSONResponse(body, status_code=exc.status_hint, headers=headers)
 
@@ -316,9 +306,7 @@ class _WatchEndpoint:
             async with connection as subscription:
                 header_id = str(resume or subscription.last_event_id).encode()
                 await send({"type": "http.response.start", "status": 200, "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"private, no-cache, no-store"),
-                    (b"x-accel-buffering", b"no"),
+                    *SSE_HEADERS,
                     (b"last-event-id", header_id),
                 ]})
                 await stream_subscription(subscription, receive, send,
@@ -332,8 +320,5 @@ async def _error_event(send: Send, exc: TidingsError) -> None:
     why, instead of silence or a reconnect loop on a 4xx."""
     data = json.dumps({"error": exc.message, "status": exc.status_hint,
                        "code": "resume_token_too_old"})
-    await send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", b"text/event-stream; charset=utf-8"),
-        (b"cache-control", b"private, no-cache, no-store"),
-    ]})
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS[:2]})
     await send({"type": "http.response.body", "body": encode_event(data, event="error")})

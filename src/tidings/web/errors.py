@@ -55,17 +55,23 @@ async def error_response(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     body = json.dumps({"error": message, "status": status}).encode()
-    out = [(b"content-type", b"application/json"), *(headers or [])]
-    if isinstance(exc, TokenMissing):
-        out.append((b"www-authenticate", b'Bearer realm="tidings"'))
-    elif isinstance(exc, Unauthorized):
-        out.append((b"www-authenticate", b'Bearer realm="tidings", error="invalid_token"'))
-    elif isinstance(exc, Forbidden):
-        out.append((b"www-authenticate", b'Bearer realm="tidings", error="insufficient_scope"'))
-    if isinstance(exc, ServiceUnavailable):
-        out.append((b"retry-after", str(exc.retry_after_s).encode()))
+    out = [(b"content-type", b"application/json"), *(headers or []), *error_headers(exc)]
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body})
+
+
+def error_headers(exc: TidingsError | None) -> list[tuple[bytes, bytes]]:
+    """The headers an error's answer carries: the bearer challenge of a 401 or 403
+    (RFC 6750), how long to wait before retrying a 503."""
+    if isinstance(exc, TokenMissing):
+        return [(b"www-authenticate", b'Bearer realm="tidings"')]
+    if isinstance(exc, Unauthorized):
+        return [(b"www-authenticate", b'Bearer realm="tidings", error="invalid_token"')]
+    if isinstance(exc, Forbidden):
+        return [(b"www-authenticate", b'Bearer realm="tidings", error="insufficient_scope"')]
+    if isinstance(exc, ServiceUnavailable):
+        return [(b"retry-after", str(exc.retry_after_s).encode())]
+    return []
 
 
 async def router_error(request: Request, exc: Exception) -> Response:

@@ -28,7 +28,7 @@ from tidings.web.access import Access, RequestParts
 from tidings.web.errors import error_response
 from tidings.web.sinks import sink_for
 
-__all__ = ["MercureEndpoint", "stream_subscription"]
+__all__ = ["SSE_HEADERS", "MercureEndpoint", "stream_subscription"]
 
 # Subscribe query parameters that carry selectors, and their kinds (0.x and 1.0 names).
 _SELECTOR_PARAMS: dict[str, SelectorKind] = {
@@ -41,6 +41,13 @@ _SELECTOR_PARAMS: dict[str, SelectorKind] = {
     "matchURITemplate": "topic",
 }
 _MAX_SELECTOR_LENGTH = 2048
+
+# Every event stream's headers: not cached anywhere, and not buffered by a proxy (nginx).
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"private, no-cache, no-store"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 class MercureEndpoint:
@@ -108,9 +115,7 @@ class MercureEndpoint:
             return
         try:
             headers = [
-                (b"content-type", b"text/event-stream; charset=utf-8"),
-                (b"cache-control", b"private, no-cache, no-store"),
-                (b"x-accel-buffering", b"no"),
+                *SSE_HEADERS,
                 (b"last-event-id", subscription.last_event_id.encode()),
                 (b"mercure-last-event-id", subscription.last_event_id.encode()),
             ]

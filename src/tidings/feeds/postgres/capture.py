@@ -209,6 +209,12 @@ class ChangeLog:
         value = await conn.fetchval(f"SELECT value FROM {self.state} WHERE name = 'capture'")
         return "logical" if value == "logical" else "trigger"
 
+    async def stored_mode(self, conn: Connection) -> str:
+        """`mode`, also before the log exists (a schema never captured: `trigger`)."""
+        if await conn.fetchval("SELECT to_regclass($1)", self.state) is None:
+            return "trigger"
+        return await self.mode(conn)
+
     @property
     def _names(self) -> Names:
         return Names(ident(self.schema), self.table, self.sequence, self.ticks,

@@ -133,9 +133,7 @@ def watch_table(db_url: str, table: str, *, key: str = "", read: str = "private"
 async def _capture_of(db_url: str) -> str:
     async with cli_connection(db_url) as conn:
         log = await current_log(conn)
-        if await conn.fetchval("SELECT to_regclass($1)", log.state) is None:
-            return CAPTURE
-        return LOGICAL if await log.mode(conn) == "logical" else CAPTURE
+        return LOGICAL if await log.stored_mode(conn) == "logical" else CAPTURE
 
 
 def capture_of(db_url: str) -> str:

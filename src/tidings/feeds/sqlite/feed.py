@@ -299,9 +299,11 @@ class SQLiteFeed(Documents):
         if change.collection == REGISTRY:
             self._reread()  # before the new collection's first change is published
             return definition_update(change, db=self._db_name, epoch=self.epoch)
-        if self._catalog.find(change.collection, any_case=True) is None:
+        shape = self._catalog.find(change.collection, any_case=True)
+        if shape is None:
             self._reread()
-        return self._publishable(change, self._catalog.find(change.collection, any_case=True))
+            shape = self._catalog.find(change.collection, any_case=True)
+        return self._publishable(change, shape)
 
     async def _save_cursor(self, seq: int) -> None:
         # On the writer thread, without the wake-up of an API write: nothing new to read.
