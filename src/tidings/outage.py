@@ -21,23 +21,19 @@ from collections.abc import Callable
 
 __all__ = ["Outage"]
 
+log = logging.getLogger(__name__)
+
+# What the log says clients get while the storage is down (unless `failed` says otherwise).
+_CONSEQUENCE = "publishes answer 503 until it is back"
+
 
 class Outage:
     """The state of one storage: up, or down since when and how many operations failed."""
 
-    __slots__ = ("_clock", "_failures", "_log", "_since", "consequence", "what")
+    __slots__ = ("_clock", "_failures", "_since", "what")
 
-    def __init__(
-        self,
-        what: str,
-        *,
-        consequence: str = "publishes answer 503 until it is back",
-        logger: logging.Logger | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, what: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
-        self.consequence = consequence
-        self._log = logger or logging.getLogger(__name__)
         self._clock = clock
         self._since: float | None = None
         self._failures = 0
@@ -53,8 +49,8 @@ class Outage:
         if self._since is not None:
             return False
         self._since = self._clock()
-        self._log.warning("%s is unavailable (%s): %s", self.what, reason,
-                          consequence or self.consequence)
+        log.warning("%s is unavailable (%s): %s", self.what, reason,
+                    consequence or _CONSEQUENCE)
         return True
 
     def now(self) -> float:
@@ -69,5 +65,5 @@ class Outage:
         lasted_s, failures = self._clock() - self._since, self._failures
         self._since, self._failures = None, 0
         # A WARNING, like the line that opened the outage: whoever sees one sees both.
-        self._log.warning("%s is back after %.1f s (%d operations failed meanwhile)",
-                          self.what, lasted_s, failures)
+        log.warning("%s is back after %.1f s (%d operations failed meanwhile)",
+                    self.what, lasted_s, failures)

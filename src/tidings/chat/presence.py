@@ -128,9 +128,6 @@ class PresenceTracker:
         if self.registry.disconnect(connection):
             self._changed([None, *connection.rooms], self._grace_s)
 
-    def online(self, room: str | None = None) -> list[str]:
-        return self.registry.online(room)
-
     async def who(self, room: str | None = None) -> list[str]:
         return self.registry.online(room)
 

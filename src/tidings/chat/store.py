@@ -234,16 +234,14 @@ class ChatStore:
         found = yield rows("SELECT username, created_at FROM chat_users ORDER BY username")
         return [(str(r[0]), str(r[1])) for r in found.rows]
 
-    async def existing_users(self, names: list[str]) -> set[str]:
-        return await self._read(self._existing_users(names))
-
     @staticmethod
     def _existing_users(names: list[str]) -> Op[set[str]]:
-        found: set[str] = set()
-        for name in names:
-            if (yield from _exists("SELECT 1 FROM chat_users WHERE username = ?", name)):
-                found.add(name)
-        return found
+        """Which of `names` have an account (one query)."""
+        if not names:
+            return set()
+        found = yield rows("SELECT username FROM chat_users WHERE username IN ("
+                           + ", ".join("?" * len(names)) + ")", *names)
+        return {str(r[0]) for r in found.rows}
 
     async def create_session(self, sid: str, username: str, expires_at: float,
                              now: float) -> None:
@@ -447,9 +445,10 @@ class ChatStore:
         yield from self._set_read(sender, conv.key, message.id)  # one's own words are read
         notified: list[str] = []
         if conv.room is not None:  # in a direct conversation the other sees it anyway
+            existing = yield from self._existing_users(
+                [name for name in mentioned if name != sender])
             for name in mentioned:
-                if name == sender or not (yield from _exists(
-                        "SELECT 1 FROM chat_users WHERE username = ?", name)):
+                if name not in existing:  # (the sender is not in it)
                     continue
                 yield events.notification(name, {
                     "id": f"mention-{message.id}-{name}", "kind": "mention",

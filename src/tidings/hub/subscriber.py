@@ -84,7 +84,6 @@ class Subscriber:
         "claims",
         "close_reason",
         "closed",
-        "connected_at",
         "dirty",
         "expires_at",
         "id",
@@ -142,8 +141,7 @@ class Subscriber:
         self.dirty = False  # waiting in the hub's flush list
         self.busy = False  # the sink is still writing the previous chunk
         self.last_sent_seq = 0
-        self.connected_at = time.monotonic()
-        self.last_write = self.connected_at
+        self.last_write = time.monotonic()
         self.expires_at = claims.expires_at if claims is not None else None
 
     def _move(self, new: State) -> None:
