@@ -35,7 +35,6 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
 
 from tidings import pgdb
 from tidings.errors import ServiceUnavailable
@@ -120,27 +119,28 @@ OnExpired = Callable[[Expired], Awaitable[None]]
 OnMessage = Callable[[str, str], None]
 
 
-def _schema_label(dsn: str) -> str:
-    parts = urlsplit(dsn)
-    search_path = dict(parse_qsl(parts.query)).get("search_path", "public")
-    return f"{parts.hostname}:{parts.port}{parts.path}/{search_path}"
-
-
 class Cluster:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.dsn, _ = pgdb.split_url(config.db_url)
-        self._label = label = _schema_label(self.dsn)
         self.process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self.channel = f"tidings_chat_{pgdb.advisory_key(label) & (2**63 - 1):x}"
-        self._schema_key = pgdb.advisory_key(f"tidings-chat-cluster-schema:{label}")
-        self._sweep_key = pgdb.advisory_key(f"tidings-chat-cluster-sweep:{label}")
+        self._name_after("")  # the schema's, once `start` has read it
         self._pool: pgdb.Pool | None = None
         self._listener: pgdb.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_expired: list[OnExpired] = []
         self._on_message: list[OnMessage] = []
         self._on_rejoined: list[Callable[[], None]] = []
+
+    def _name_after(self, schema: str) -> None:
+        """The channel and lock keys of the chat tables in `schema` (the session's current
+        schema, as the chat store keys its own): the same for every process on those
+        tables whatever URL it was given (`localhost` or `127.0.0.1`, with or without
+        `?search_path=public`). Advisory locks and NOTIFY are per database already."""
+        self._label = schema
+        self.channel = f"tidings_chat_{pgdb.advisory_key(schema) & (2**63 - 1):x}"
+        self._schema_key = pgdb.advisory_key(f"tidings-chat-cluster-schema:{schema}")
+        self._sweep_key = pgdb.advisory_key(f"tidings-chat-cluster-sweep:{schema}")
 
     def lock_key(self, name: str) -> int:
         """An advisory-lock key for `name` among the processes on this chat schema."""
@@ -183,6 +183,7 @@ class Cluster:
         self._pool = await pgdb.open_pool(self.dsn, application_name="tidings chat cluster",
                                           max_size=_POOL_SIZE)
         async with self.connection() as conn, conn.transaction():
+            self._name_after(str(await conn.fetchval("SELECT current_schema()")))
             await conn.execute("SELECT pg_advisory_xact_lock($1)", self._schema_key)
             await conn.execute(_SCHEMA)
         await self._beat()
