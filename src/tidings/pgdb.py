@@ -291,15 +291,15 @@ async def pooled(pool: Pool, *, timeout: float = COMMAND_TIMEOUT_S) -> AsyncIter
 async def leading(
     dsn: str,
     key: int,
-    channel: str,
+    channel: str | None,
     wake: asyncio.Event,
     *,
     application_name: str,
     standing_by: str,
 ) -> AsyncIterator[Connection]:
     """A connection of its own that holds the session advisory lock `key`, waiting while
-    another session holds it (logging `standing_by` once), and LISTENs on `channel`;
-    `wake` is set by a notification and by the connection's end. Closed on leaving, which
+    another session holds it (logging `standing_by` once), and LISTENs on `channel` (if
+    any); `wake` is set by a notification and by the connection's end. Closed on leaving, which
     releases the lock (so does the session's end, however the process ends): another
     process waiting for it takes over."""
     conn = await connect(dsn, command_timeout=None, application_name=application_name)
@@ -311,7 +311,8 @@ async def leading(
             # that never reads its notifications holds the queue's tail.
             await conn.fetchval("SELECT pg_advisory_lock($1)", key)
         conn.add_termination_listener(lambda _conn: wake.set())
-        await conn.add_listener(channel, lambda _c, _pid, _ch, _payload: wake.set())
+        if channel is not None:
+            await conn.add_listener(channel, lambda _c, _pid, _ch, _payload: wake.set())
         yield conn
     finally:
         await close_quietly(conn)

@@ -15,12 +15,10 @@ from collections.abc import AsyncIterator
 
 from tidings.feeds.mongodb.state import CREATE_TABLE, TABLE, Saved, new_origin, saved
 from tidings.pgdb import (
-    COMMAND_TIMEOUT_S,
     Pool,
     advisory_key,
     close_pool,
-    close_quietly,
-    connect,
+    leading,
     open_pool,
     setting_up,
     split_url,
@@ -76,17 +74,11 @@ class PostgresStates:
 
     @contextlib.asynccontextmanager
     async def lease(self, collection: str) -> AsyncIterator[asyncio.Event]:
-        key = advisory_key(f"tidings-mongo:{self._schema}:{collection}")
-        conn = await connect(self._dsn, command_timeout=None,
-                             application_name=f"tidings-mongo-stream:{collection}")
-        try:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key,
-                                       timeout=COMMAND_TIMEOUT_S):
-                log.info("MongoDB stream %s: another process holds it; this one stands by",
-                         collection)
-                await conn.fetchval("SELECT pg_advisory_lock($1)", key)
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _conn: lost.set())
+        lost = asyncio.Event()  # set when the session ends: the lease is gone
+        async with leading(
+            self._dsn, advisory_key(f"tidings-mongo:{self._schema}:{collection}"), None,
+            lost, application_name=f"tidings-mongo-stream:{collection}",
+            standing_by=f"MongoDB stream {collection}: another process holds it; this one "
+                        "stands by",
+        ):
             yield lost
-        finally:
-            await close_quietly(conn)
