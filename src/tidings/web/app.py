@@ -69,6 +69,8 @@ def create_app(settings: Settings) -> TidingsApp:
     chat_streams = ChatStreams(chat) if chat is not None else None
     fast = settings.uvicorn_fast_path
     mercure = MercureEndpoint(hub, access, uvicorn_fast_path=fast)
+    # Subscriptions with a chat session cookie pass the chat's presence gate first.
+    hub_endpoint = chat_streams.wrap(mercure) if chat_streams is not None else mercure
     collections = CollectionsAPI(feed, hub, access, uvicorn_fast_path=fast)
     routes: list[BaseRoute] = [
         *(ChatAPI(chat, publisher_key=access.publisher_key).routes() if chat is not None
@@ -76,9 +78,7 @@ def create_app(settings: Settings) -> TidingsApp:
         *hub_page_routes(at_root=chat is None),
         *Ops(hub, feed).routes(),
         Route("/openapi.json", openapi),
-        Route("/.well-known/mercure",
-              chat_streams.wrap(mercure) if chat_streams is not None else mercure,
-              methods=["GET", "HEAD", "POST"]),
+        Route("/.well-known/mercure", hub_endpoint, methods=["GET", "HEAD", "POST"]),
         *SubscriptionsAPI(hub, access).routes(),
         *collections.routes(),
         static_files(),
@@ -87,8 +87,8 @@ def create_app(settings: Settings) -> TidingsApp:
                     lifespan=lifespan(hub, feed, chat),
                     exception_handlers={HTTPException: router_error})
     if settings.cors_origins:
-        return TidingsApp(app, hub, None, chat_streams)
-    return TidingsApp(app, hub, mercure, chat_streams, collections.watch)
+        return TidingsApp(app, hub, None)
+    return TidingsApp(app, hub, hub_endpoint, collections.watch)
 
 
 # -- the parts, from the settings ------------------------------------------------------------
@@ -195,14 +195,11 @@ class TidingsApp:
     everything goes through Starlette so that the CORS middleware sees these requests too.
     """
 
-    def __init__(self, app: Starlette, hub: Hub, fast_path: MercureEndpoint | None,
-                 chat_streams: ChatStreams | None = None,
+    def __init__(self, app: Starlette, hub: Hub, fast_path: ASGIApp | None,
                  watch: ASGIApp | None = None) -> None:
         self.app = app
         self.hub = hub
         self.fast_path = fast_path
-        # Subscriptions with a chat session cookie pass the chat's presence gate first.
-        self.chat_streams = chat_streams
         self.watch = watch if fast_path is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -211,10 +208,7 @@ class TidingsApp:
             and scope["type"] == "http"
             and scope["path"] == "/.well-known/mercure"
         ):
-            if self.chat_streams is not None and self.chat_streams.wants(scope):
-                await self.chat_streams(scope, receive, send, self.fast_path)
-            else:
-                await self.fast_path(scope, receive, send)
+            await self.fast_path(scope, receive, send)
         elif (
             self.watch is not None
             and scope["type"] == "http"
