@@ -34,11 +34,11 @@ def _reachable(url: str) -> bool:
 def require(url: str) -> str:
     """The URL, if its server answers; else skip (or fail under CI=true)."""
     if not _reachable(url):
-        _unavailable(f"no server at {url} (set TIDINGS_TEST_*_URL)")
+        unavailable(f"no server at {url} (set TIDINGS_TEST_*_URL)")
     return url
 
 
-def _unavailable(message: str) -> None:
+def unavailable(message: str) -> None:
     """Skip with `message`, or fail under CI=true (CI must not pass by skipping)."""
     if os.environ.get("CI") == "true":
         pytest.fail(message)
@@ -51,7 +51,7 @@ class PrivateRedis:
 
     def __init__(self, workdir: Path, *, appendonly: bool) -> None:
         if shutil.which("redis-server") is None:
-            _unavailable("redis-server is not installed (apt-get install redis-server)")
+            unavailable("redis-server is not installed (apt-get install redis-server)")
         self.dir = workdir / "redis"
         self.dir.mkdir(exist_ok=True)
         self.appendonly = appendonly
@@ -99,13 +99,13 @@ class LocalPostgres:
     def __init__(self) -> None:
         require(POSTGRES_URL)
         if urlsplit(POSTGRES_URL).hostname not in ("127.0.0.1", "localhost", "::1"):
-            _unavailable(f"{POSTGRES_URL} is not on this machine: it cannot be restarted")
+            unavailable(f"{POSTGRES_URL} is not on this machine: it cannot be restarted")
         if shutil.which("pg_ctlcluster") is None or os.geteuid() != 0:
-            _unavailable("restarting PostgreSQL needs root and pg_ctlcluster (Debian's"
+            unavailable("restarting PostgreSQL needs root and pg_ctlcluster (Debian's"
                          " postgresql-common)")
         versions = sorted(os.listdir("/etc/postgresql"))
         if len(versions) != 1:
-            _unavailable(f"expected one PostgreSQL version in /etc/postgresql: {versions}")
+            unavailable(f"expected one PostgreSQL version in /etc/postgresql: {versions}")
         self.version = versions[0]
 
     def _ctl(self, action: str) -> None:

@@ -18,11 +18,11 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 from pymongo import MongoClient
 from pymongo.errors import AutoReconnect
 
 from tests.conftest import free_port
+from tests.services import unavailable
 
 MONGO_URL = os.environ.get("TIDINGS_TEST_MONGO_URL", "")
 
@@ -45,10 +45,7 @@ class MongoServer:
         if self.nx:
             command = nx_27017()
             if command is None:
-                message = "no MongoDB: set TIDINGS_TEST_MONGO_URL or install nx-27017"
-                if os.environ.get("CI") == "true":
-                    pytest.fail(message)
-                pytest.skip(message)
+                unavailable("no MongoDB: set TIDINGS_TEST_MONGO_URL or install nx-27017")
             self._command = command
             self.port = free_port()
             self.start()

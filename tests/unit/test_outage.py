@@ -97,3 +97,10 @@ def test_a_sqlite_error_becomes_507_for_a_full_disk_and_503_otherwise(
     assert isinstance(error, InsufficientStorage) == (status == 507)
     assert error.message.startswith("the database ") and words in error.message
     assert error.retry_after_s > 0
+
+
+def test_the_error_code_decides_not_the_message() -> None:
+    """An I/O error whose text reads like a full disk is still a 503: the status comes
+    from SQLite's error code, not from words in the message."""
+    error = storage_error(_error(sqlite3.SQLITE_IOERR_WRITE, "database or disk is full"), "x")
+    assert error.status_hint == 503 and not isinstance(error, InsufficientStorage)
