@@ -154,9 +154,8 @@ def serve(**values: Any) -> None:
         key_line = (f"Development key saved in {DEV_KEY_FILE}" if made else
                     f"Development key reused from {DEV_KEY_FILE} (made by an earlier run)")
         click.echo(f"{key_line}. A publisher token:\n{token}", err=True)
-    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown: exit 0 then.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sys.exit(0))
+        signal.signal(sig, _exit_at_once)
     if settings.workers == 1:
         uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
         return
@@ -168,6 +167,18 @@ def serve(**values: Any) -> None:
         **options,
     )
     Multiprocess(config, sockets=[sock]).run()
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT outside uvicorn's own handlers: uvicorn re-raises the signal once its
+    graceful shutdown is done, and one that comes before uvicorn has installed its
+    handlers (right after the banner) must not land in the middle of its start-up as an
+    exception (a SystemExit there could leave the process waiting on a thread). Either
+    way nothing is left to clean up: leave with status 0."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 @main.command()

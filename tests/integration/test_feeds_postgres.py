@@ -577,7 +577,18 @@ async def test_a_postgresql_restart_loses_and_repeats_nothing(pg: PostgresDB) ->
     stop_writing = asyncio.Event()
     counter = iter(range(1, 1_000_000))
 
+    stopped: list[None] = []  # one per writer that has ended (its last commit done)
+
     async def writer() -> None:
+        try:
+            await write()
+        finally:
+            stopped.append(None)
+
+    async def all_stopped() -> bool:
+        return len(stopped) == 4
+
+    async def write() -> None:
         while not stop_writing.is_set():
             try:
                 async with pg.connection() as conn:
@@ -624,6 +635,8 @@ async def test_a_postgresql_restart_loses_and_repeats_nothing(pg: PostgresDB) ->
             assert done.returncode == 0, done.stderr
             await asyncio.sleep(2.0)  # writers reconnect and commit again
             stop_writing.set()
+            # A writer inside a transaction commits it before it sees the stop.
+            await eventually(all_stopped, timeout_s=10)
             committed = {int(r["id"]) for r in await pg.fetch("SELECT id FROM orders")}
             await eventually(lambda: _arrived(received, len(committed)), timeout_s=30)
             await asyncio.sleep(0.5)  # anything more would be a repeat
