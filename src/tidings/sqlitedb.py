@@ -13,6 +13,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -35,9 +36,25 @@ def connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                          timeout=BUSY_TIMEOUT_S)
     if path != ":memory:":
-        db.execute("PRAGMA journal_mode=WAL")
+        _enter_wal(db)
     db.execute("PRAGMA synchronous=NORMAL")
     return db
+
+
+def _enter_wal(db: sqlite3.Connection) -> None:
+    """WAL mode, waiting (up to BUSY_TIMEOUT_S) while other connections hold the file:
+    switching a new file to WAL answers "database is locked" at once, without the busy
+    timeout, when several processes open it together."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def storage_error(exc: sqlite3.OperationalError, what: str) -> ServiceUnavailable:
