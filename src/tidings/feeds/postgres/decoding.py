@@ -62,8 +62,8 @@ from tidings.pgdb import (
     QueryCanceled,
 )
 
-__all__ = ["GAP_TOPIC", "LOGICAL", "Captured", "Decoder", "SlotLost", "Step", "logical_possible",
-           "lsn_text", "lsn_value", "publication_name", "slot_name"]
+__all__ = ["GAP_TOPIC", "LOGICAL", "Captured", "Decoder", "SlotLost", "Step", "flush_wal",
+           "logical_possible", "lsn_text", "lsn_value", "publication_name", "slot_name"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ GAP_TOPIC = "tidings:change-feed-gap"
 _PREFIX = "tidings"
 _FLUSH_WAIT_S = 1.0
 _SLOT_CREATE_TIMEOUT_S = 60.0
-_FLUSH_SHORT_S = 0.004  # then flush it ourselves (`Decoder.step`)
+_FLUSH_SHORT_S = 0.004  # then flush it ourselves (`Decoder.step`), up to this often:
+_FLUSH_TRIES = 3
 # Have the server log its running transactions when the slot's restart point is this far
 # behind (`Decoder._restart`), at most this often.
 _RESTART_LAG_BYTES = 256 * 1024
@@ -305,12 +306,15 @@ class Decoder:
                                          f"{_FLUSH_WAIT_S:.0f} s: try again")
             return done
         await self.advance(conn)
-        done = await self._transaction(conn, upto, _FLUSH_SHORT_S)
-        if done.unflushed:
+        for _ in range(_FLUSH_TRIES):
+            done = await self._transaction(conn, upto, _FLUSH_SHORT_S)
+            if not done.unflushed:
+                break
             # The WAL is not flushed through L (WAL of a transaction still open, or of
             # an asynchronous commit: the WAL writer flushes it within 200 ms). A commit
             # of our own flushes everything before it: then step again.
-            await conn.execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
+            await flush_wal(conn)
+        else:
             done = await self._transaction(conn, upto, _FLUSH_WAIT_S)
         if done.mode == "logical" and done.lsn:
             self._unadvanced = done.lsn  # committed: the slot may move there
@@ -490,3 +494,12 @@ class Decoder:
 
 def _json(row: dict[str, str | None]) -> str:
     return json.dumps(row)
+
+
+async def flush_wal(conn: Connection) -> None:
+    """Have the WAL flushed through everything written so far: a commit that wrote WAL
+    of its own waits for its flush (a transactional logical message, which decoding
+    ignores). A commit that wrote none does not wait, even with an id assigned: its
+    flush is left to the WAL writer, up to `wal_writer_delay` (200 ms) later."""
+    await conn.execute(f"BEGIN; SELECT pg_logical_emit_message(true, '{_PREFIX}', 'flush'); "
+                       "COMMIT")

@@ -48,6 +48,7 @@ from tidings.feeds.postgres.decoding import (
     GAP_TOPIC,
     LOGICAL,
     SlotLost,
+    flush_wal,
     logical_possible,
     lsn_text,
     lsn_value,
@@ -241,8 +242,7 @@ class PostgresFeed(Documents):
         # flushed WAL, and this transaction's own WAL before `lsn` stays unflushed until
         # some commit flushes it: one of ours, on another session, does so now.
         async with pool.acquire() as other:
-            await other.execute("BEGIN; SET LOCAL synchronous_commit = on; "
-                                "SELECT pg_current_xact_id(); COMMIT")
+            await flush_wal(other)
         try:
             done = await self._decoder.step(conn, upto=lsn_value(lsn), drain=True)
             log.info("change feed: schema %s switched to triggers at %s after decoding %d "
