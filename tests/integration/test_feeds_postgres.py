@@ -545,6 +545,52 @@ async def test_a_log_of_the_previous_version_is_upgraded_in_place(
         assert listed.json()["resume_token"] == "abcd0123.5"
 
 
+async def test_the_saved_cursor_never_passes_what_the_hub_stored(pg: PostgresDB) -> None:
+    """The tailer reads the next page while the hub stores the one before; the cursor it
+    saves in the database (where a restarted tailer resumes) must still be only what the
+    hub acknowledged. (It saved the read's start, a page not yet stored: a restart right
+    then skipped that page for good.) Looked at in one snapshot, over and over, while four
+    writers commit."""
+    server = pg.start()
+    assert server.proc is not None
+    state, updates = "tidings_feed_state", pg.updates
+    look = (f"SELECT (SELECT value::bigint FROM {state} WHERE name = 'cursor'), "
+            f"(SELECT split_part(id, '.', 2)::bigint FROM {updates} "
+            f"WHERE topics ? '/collections/orders' ORDER BY seq DESC LIMIT 1)")
+    writing = True
+    counter = iter(range(1, 1_000_000))
+
+    async def writer() -> None:
+        async with pg.connection() as conn:
+            for _ in range(200):
+                async with conn.transaction():
+                    for _ in range(random.randint(1, 10)):
+                        await conn.execute("INSERT INTO orders (id, item) VALUES ($1, 'c')",
+                                           next(counter))
+                await asyncio.sleep(0.002)  # many pages, so many saves
+
+    looks: list[tuple[int, int]] = []
+
+    async def looker() -> None:
+        async with pg.connection() as conn:
+            while writing:
+                cursor, stored = await conn.fetchrow(look)
+                looks.append((cursor or 0, stored or 0))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(looker)
+        async with anyio.create_task_group() as writers:
+            for _ in range(4):
+                writers.start_soon(writer)
+        await pg.published_all()
+        writing = False
+
+    ahead = [(cursor, stored) for cursor, stored in looks if cursor > stored]
+    moving = {cursor for cursor, _ in looks}
+    assert len(moving) > 10, "the cursor was seen at too few places to tell"
+    assert not ahead, f"saved cursor past the hub's history: {ahead[:5]} of {len(looks)}"
+
+
 # -- a restart of the PostgreSQL server ------------------------------------------------------
 
 

@@ -504,10 +504,11 @@ class ChangeLog:
     def read_sql(self) -> str:
         """At most $2 changes after position $1, ticking first when no tick reaches past
         it: (position, age_s, txid, seq, coll, op, doc_key, old_doc, new_doc, wall_time).
-        $3: save $1 as the cursor first; $4: the tailer was asleep, release the idle key;
-        $5, $6: the txid and seq of the change at $1 (NULL: not known), so that the rest
-        of a large batch is found on the index rather than by skipping rows; $7: tick
-        when no tick reaches past $1 (false with logical decoding: the step ticks)."""
+        $3: the cursor to save first (published through there; NULL: none); $4: the
+        tailer was asleep, release the idle key; $5, $6: the txid and seq of the change
+        at $1 (NULL: not known), so that the rest of a large batch is found on the index
+        rather than by skipping rows; $7: tick when no tick reaches past $1 (false with
+        logical decoding: the step ticks)."""
         return f"SELECT * FROM {self._fn('tidings_read')}($1, $2, $3, $4, $5, $6, $7)"
 
     def save_sql(self) -> str:

@@ -10,8 +10,8 @@ so one schema's objects never mention another's.
     tidings_tick(take)   closes a batch: records a snapshot and the position of the last
                          change it adds (take = false: only says whether there is one)
     tidings_read(a, n, ...)  the tailer's page: the n changes after position a, numbered
-                         (and: save a as its cursor first; release the idle key; where
-                         in a batch a is, if known)
+                         (and: save the published position as the cursor first;
+                         release the idle key; where in a batch a is, if known)
     tidings_place(...)   the position of one change, once a tick covers its transaction
 """
 
@@ -186,7 +186,7 @@ def _read(n: Names) -> str:
                 f"AND {resume} ORDER BY {order} LIMIT lim - n) c;")
 
     return _function(
-        n, "tidings_read(after bigint, lim integer, save boolean, release boolean, "
+        n, "tidings_read(after bigint, lim integer, saved bigint, release boolean, "
         "last_txid xid8, last_seq bigint, tick boolean)", """TABLE (
     pos bigint, age_s float8, txid xid8, seq bigint, coll text, op text, doc_key text,
     old_doc text, new_doc text, wall_time text)""", f"""
@@ -203,9 +203,11 @@ BEGIN
     IF release THEN  -- awake again: writers stop notifying (a NOTIFY serializes commits)
         PERFORM pg_advisory_unlock({n.idle_key});
     END IF;
-    IF save THEN  -- the previous page is in the hub's history; saved with this tick
-        UPDATE {n.state} SET value = after::text
-        WHERE name = 'cursor' AND value::bigint < after;
+    -- Published through `saved` (the hub acknowledged it): saved with this read. Not
+    -- `after`, which may be past what is published (the tailer reads ahead).
+    IF saved IS NOT NULL THEN
+        UPDATE {n.state} SET value = saved::text
+        WHERE name = 'cursor' AND value::bigint < saved;
     END IF;
     -- Batch 0 of a log the previous version began: its changes keep their seq as their
     -- position (seq order was commit order then).
@@ -338,4 +340,7 @@ def functions(n: Names) -> list[str]:
     return [_capture(n), _tick(n), _close(n),
             f"DROP FUNCTION IF EXISTS {n.schema}.tidings_read(bigint, integer, boolean, "
             f"boolean, xid8, bigint)",
+            # The one before: it saved its `after` (a boolean said whether).
+            f"DROP FUNCTION IF EXISTS {n.schema}.tidings_read(bigint, integer, boolean, "
+            f"boolean, xid8, bigint, boolean)",
             _read(n), _place(n)]

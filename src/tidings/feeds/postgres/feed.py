@@ -514,7 +514,8 @@ class _SchemaLog:
     async def read(self, after: int, limit: int) -> list[Entry]:
         conn = self._leading()
         reread: set[str] = set()
-        save = self._unsaved > self._saved and after >= self._unsaved
+        # What the hub acknowledged, which `after` may be past (a read ahead).
+        save = self._unsaved if self._unsaved > self._saved else None
         release = self._holding and self._roused
         position, txid, seq = self._last
         if position != after:
@@ -529,8 +530,8 @@ class _SchemaLog:
             await self._step(conn)
         rows = await conn.fetch(self._feed._log.read_sql(), after, limit, save, release,
                                 txid, seq, self.mode != "logical", timeout=COMMAND_TIMEOUT_S)
-        if save:
-            self._saved = after
+        if save is not None:
+            self._saved = save
         if release:
             self._holding = self._roused = False
         self._found, self._full = bool(rows), len(rows) >= limit
