@@ -497,9 +497,9 @@ def _json(row: dict[str, str | None]) -> str:
 
 
 async def flush_wal(conn: Connection) -> None:
-    """Have the WAL flushed through everything written so far: a commit that wrote WAL
-    of its own waits for its flush (a transactional logical message, which decoding
-    ignores). A commit that wrote none does not wait, even with an id assigned: its
-    flush is left to the WAL writer, up to `wal_writer_delay` (200 ms) later."""
-    await conn.execute(f"BEGIN; SELECT pg_logical_emit_message(true, '{_PREFIX}', 'flush'); "
-                       "COMMIT")
+    """Have the WAL flushed through everything written so far: a synchronous commit that
+    wrote WAL of its own waits for its flush (a transactional logical message, which
+    decoding ignores). A commit that wrote none does not wait, even with an id assigned:
+    its flush is left to the WAL writer, up to `wal_writer_delay` (200 ms) later."""
+    await conn.execute("BEGIN; SET LOCAL synchronous_commit = on; "
+                       f"SELECT pg_logical_emit_message(true, '{_PREFIX}', 'flush'); COMMIT")
