@@ -54,6 +54,7 @@ class HubProcess:
              "--jwt-key", KEY, "--log-level", os.environ.get("TIDINGS_TEST_LOG_LEVEL", "warning"),
              *self.args],
             cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,  # a group of its own: its workers die with it (`stop`)
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -78,16 +79,28 @@ class HubProcess:
         return self.proc.pid
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
+        """Send `sig` (SIGTERM: to the server, which stops its workers; SIGKILL: a crash
+        of the whole server, its `--workers` processes too) and wait for the exit; what
+        is left after `timeout_s` is killed."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                self._kill_group()
+            else:
+                self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._kill_group()  # workers the server left behind, if any
         self._log.close()
         return self.proc.returncode
+
+    def _kill_group(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -171,6 +171,35 @@ async def test_workers_share_one_port(hub_factory: type[HubProcess]) -> None:
     assert server.proc is not None and server.proc.returncode == 0
 
 
+async def test_workers_end_when_their_supervisor_is_killed(
+    hub_factory: type[HubProcess],
+) -> None:
+    """`--workers 2` whose supervisor is SIGKILLed (alone, not its process group): the
+    workers shut down by themselves instead of serving on with nobody to stop them."""
+    bus = f"{require(REDIS_URL)}?namespace=t{uuid.uuid4().hex[:12]}"
+    server = hub_factory("--bus", bus, "--workers", "2").start()
+    pids: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < 2 and time.monotonic() < deadline:
+        with httpx.Client() as fresh:  # a new connection each time
+            pids.add(fresh.get(server.url + "/healthz").json()["pid"])
+    assert len(pids) == 2 and server.pid not in pids
+    os.kill(server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not [pid for pid in pids if _running(pid)], "a worker outlived its supervisor"
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 async def test_nginx_in_front_of_two_processes(
     hub_factory: type[HubProcess], tmp_path: Path
 ) -> None:

@@ -14,9 +14,13 @@ logic.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
+import multiprocessing
 import os
+import signal
+import sys
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -54,10 +58,26 @@ SETTINGS_ENV = "TIDINGS_SETTINGS_JSON"
 
 log = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
 
 def app_from_environment() -> TidingsApp:
     """The app factory worker processes use (`uvicorn --factory`)."""
+    _end_with_the_supervisor()
     return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))
+
+
+def _end_with_the_supervisor() -> None:
+    """A `--workers` process stops (SIGTERM: its graceful shutdown) when the process that
+    started it dies, even by SIGKILL; else it would go on serving the port, tailing and
+    holding its leases with nobody left to stop it. Linux only (prctl)."""
+    if sys.platform != "linux":
+        return
+    supervisor = multiprocessing.parent_process()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if supervisor is not None and os.getppid() != supervisor.pid:
+        os.kill(os.getpid(), signal.SIGTERM)  # it died before the line above
 
 
 def create_app(settings: Settings) -> TidingsApp:

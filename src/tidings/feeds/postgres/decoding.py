@@ -73,8 +73,7 @@ GAP_TOPIC = "tidings:change-feed-gap"
 _PREFIX = "tidings"
 _FLUSH_WAIT_S = 1.0
 _SLOT_CREATE_TIMEOUT_S = 60.0
-_FLUSH_SHORT_S = 0.004  # then flush it ourselves (`Decoder.step`), up to this often:
-_FLUSH_TRIES = 3
+_FLUSH_SHORT_S = 0.004  # then flush it ourselves (`Decoder.step`)
 # Have the server log its running transactions when the slot's restart point is this far
 # behind (`Decoder._restart`), at most this often.
 _RESTART_LAG_BYTES = 256 * 1024
@@ -306,15 +305,12 @@ class Decoder:
                                          f"{_FLUSH_WAIT_S:.0f} s: try again")
             return done
         await self.advance(conn)
-        for _ in range(_FLUSH_TRIES):
-            done = await self._transaction(conn, upto, _FLUSH_SHORT_S)
-            if not done.unflushed:
-                break
+        done = await self._transaction(conn, upto, _FLUSH_SHORT_S)
+        if done.unflushed:
             # The WAL is not flushed through L (WAL of a transaction still open, or of
             # an asynchronous commit: the WAL writer flushes it within 200 ms). A commit
             # of our own flushes everything before it: then step again.
             await flush_wal(conn)
-        else:
             done = await self._transaction(conn, upto, _FLUSH_WAIT_S)
         if done.mode == "logical" and done.lsn:
             self._unadvanced = done.lsn  # committed: the slot may move there
