@@ -18,6 +18,7 @@ import pytest
 
 from tidings.chat.cluster import Cluster, ClusterConfig
 from tidings.chat.limits import SharedLimit
+from tidings.chat.pg_store import PostgresDatabase
 from tidings.chat.shared_presence import SharedPresence
 
 pytestmark = pytest.mark.anyio
@@ -57,6 +58,9 @@ class Announcements:
 
 async def started(db_url: str, announced: Announcements,
                   grace_s: float = 0.2) -> tuple[Cluster, SharedPresence]:
+    store = PostgresDatabase(db_url)  # the cluster's tables are the chat's migration 2
+    await store.open()
+    await store.close()
     cluster = Cluster(ClusterConfig(db_url, HEARTBEAT_S))
     presence = SharedPresence(cluster, announced, grace_s)
     await cluster.start()

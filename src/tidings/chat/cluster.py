@@ -43,54 +43,6 @@ __all__ = ["Cluster", "ClusterConfig", "Expired"]
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS chat_cluster_processes (
-    process    TEXT PRIMARY KEY,
-    host       TEXT NOT NULL,
-    pid        INTEGER NOT NULL,
-    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    seen_at    TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS chat_cluster_presence (
-    process    TEXT NOT NULL REFERENCES chat_cluster_processes ON DELETE CASCADE,
-    connection BIGINT NOT NULL,
-    username   TEXT NOT NULL,
-    rooms      TEXT[] NOT NULL,
-    PRIMARY KEY (process, connection)
-);
-CREATE TABLE IF NOT EXISTS chat_cluster_announced (
-    room   TEXT PRIMARY KEY,
-    online TEXT[] NOT NULL
-);
-CREATE TABLE IF NOT EXISTS chat_cluster_claims (
-    kind    TEXT NOT NULL,
-    item    TEXT NOT NULL,
-    process TEXT NOT NULL REFERENCES chat_cluster_processes ON DELETE CASCADE,
-    PRIMARY KEY (kind, item)
-);
-CREATE TABLE IF NOT EXISTS chat_cluster_hits (
-    key        TEXT NOT NULL,
-    at         DOUBLE PRECISION NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chat_cluster_hits_key_at ON chat_cluster_hits (key, at);
-CREATE OR REPLACE FUNCTION chat_cluster_hit(k TEXT, lim INTEGER, window_s DOUBLE PRECISION)
-RETURNS INTEGER LANGUAGE plpgsql AS $$
-DECLARE
-    now_s  DOUBLE PRECISION := extract(epoch FROM clock_timestamp());
-    oldest DOUBLE PRECISION;  -- the lim-th newest hit in the window, if there are lim
-BEGIN
-    -- One key's hits one at a time, so two processes cannot both take the last slot.
-    PERFORM pg_advisory_xact_lock(hashtext('chat_cluster_hit'), hashtext(k));
-    SELECT at INTO oldest FROM chat_cluster_hits
-        WHERE key = k AND at > now_s - window_s ORDER BY at DESC OFFSET lim - 1 LIMIT 1;
-    IF oldest IS NULL THEN
-        INSERT INTO chat_cluster_hits VALUES (k, now_s, now_s + window_s);
-        RETURN 0;
-    END IF;
-    RETURN greatest(1, ceil(oldest + window_s - now_s))::INTEGER;
-END $$;
-"""
 _RETRY_S = 1.0
 _POOL_SIZE = 4
 
@@ -139,7 +91,6 @@ class Cluster:
         `?search_path=public`). Advisory locks and NOTIFY are per database already."""
         self._label = schema
         self.channel = f"tidings_chat_{pgdb.advisory_key(schema) & (2**63 - 1):x}"
-        self._schema_key = pgdb.advisory_key(f"tidings-chat-cluster-schema:{schema}")
         self._sweep_key = pgdb.advisory_key(f"tidings-chat-cluster-sweep:{schema}")
 
     def lock_key(self, name: str) -> int:
@@ -182,10 +133,9 @@ class Cluster:
         # write), and every process's connections count against max_connections.
         self._pool = await pgdb.open_pool(self.dsn, application_name="tidings chat cluster",
                                           max_size=_POOL_SIZE)
-        async with self.connection() as conn, conn.transaction():
+        # Its tables are the chat's migration 2 (`migrations.py`), applied by the store.
+        async with self.connection() as conn:
             self._name_after(str(await conn.fetchval("SELECT current_schema()")))
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._schema_key)
-            await conn.execute(_SCHEMA)
         await self._beat()
         await self._listen()
         self._task = asyncio.get_running_loop().create_task(

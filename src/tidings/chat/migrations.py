@@ -144,7 +144,60 @@ END
 $fn$
 """
 
+# Migration 2: what the processes on one PostgreSQL schema share (`cluster.py`): who is
+# alive, who is online where, presence as last announced, who runs which task, and the
+# rate limits' hits. (Earlier versions created these tables as the cluster started; all
+# `IF NOT EXISTS`, so a schema that has them is adopted.) SQLite has one process: nothing.
+_POSTGRES_2 = """CREATE TABLE IF NOT EXISTS chat_cluster_processes (
+    process    TEXT PRIMARY KEY,
+    host       TEXT NOT NULL,
+    pid        INTEGER NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    seen_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS chat_cluster_presence (
+    process    TEXT NOT NULL REFERENCES chat_cluster_processes ON DELETE CASCADE,
+    connection BIGINT NOT NULL,
+    username   TEXT NOT NULL,
+    rooms      TEXT[] NOT NULL,
+    PRIMARY KEY (process, connection)
+);
+CREATE TABLE IF NOT EXISTS chat_cluster_announced (
+    room   TEXT PRIMARY KEY,
+    online TEXT[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chat_cluster_claims (
+    kind    TEXT NOT NULL,
+    item    TEXT NOT NULL,
+    process TEXT NOT NULL REFERENCES chat_cluster_processes ON DELETE CASCADE,
+    PRIMARY KEY (kind, item)
+);
+CREATE TABLE IF NOT EXISTS chat_cluster_hits (
+    key        TEXT NOT NULL,
+    at         DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_cluster_hits_key_at ON chat_cluster_hits (key, at);
+CREATE OR REPLACE FUNCTION chat_cluster_hit(k TEXT, lim INTEGER, window_s DOUBLE PRECISION)
+RETURNS INTEGER LANGUAGE plpgsql AS $$
+DECLARE
+    now_s  DOUBLE PRECISION := extract(epoch FROM clock_timestamp());
+    oldest DOUBLE PRECISION;  -- the lim-th newest hit in the window, if there are lim
+BEGIN
+    -- One key's hits one at a time, so two processes cannot both take the last slot.
+    PERFORM pg_advisory_xact_lock(hashtext('chat_cluster_hit'), hashtext(k));
+    SELECT at INTO oldest FROM chat_cluster_hits
+        WHERE key = k AND at > now_s - window_s ORDER BY at DESC OFFSET lim - 1 LIMIT 1;
+    IF oldest IS NULL THEN
+        INSERT INTO chat_cluster_hits VALUES (k, now_s, now_s + window_s);
+        RETURN 0;
+    END IF;
+    RETURN greatest(1, ceil(oldest + window_s - now_s))::INTEGER;
+END $$;
+"""
+_SQLITE_2 = ""
+
 # Migration n is item n-1: a script each (SQLite's are run statement by statement, split
 # at `;`; PostgreSQL runs a script as one).
-SQLITE: list[str] = [_SQLITE_1]
-POSTGRES: list[str] = [_POSTGRES_1]
+SQLITE: list[str] = [_SQLITE_1, _SQLITE_2]
+POSTGRES: list[str] = [_POSTGRES_1, _POSTGRES_2]

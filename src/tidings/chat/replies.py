@@ -112,7 +112,7 @@ class Replies:
     async def context(self, conversation: Conversation, before: int | None) -> list[
             dict[str, str]]:
         """The room's latest messages (before id `before`) as chat messages, oldest first."""
-        history, _ = await self._store.history(conversation, before, self.config.history)
+        history = await self._store.recent(conversation, before, self.config.history)
         messages = [{"role": "system", "content": _SYSTEM.format(room=conversation.room)}]
         for message in reversed(history):
             if message.sender == ASSISTANT:

@@ -509,19 +509,30 @@ class ChatStore:
         text included), none above it is."""
         return await self._snapshot(self._history(conv, before, limit))
 
+    async def recent(self, conv: Conversation, before: int | None,
+                     limit: int) -> list[Message]:
+        """The messages of `history` without its position, so without the outbox's order
+        lock that a position takes on PostgreSQL: for reads that resume nothing (the
+        assistant's context)."""
+        return await self._read(self._messages(conv, before, limit))
+
     def _history(self, conv: Conversation, before: int | None,
                  limit: int) -> Op[tuple[list[Message], int]]:
         # One snapshot: the messages and the position from the same one. On PostgreSQL the
         # outbox's order lock is taken before the snapshot (`_outbox_position`).
         yield pg_only("LOCK TABLE chat_order IN EXCLUSIVE MODE")
+        messages = yield from self._messages(conv, before, limit)
+        return messages, (yield from self._outbox_position())
+
+    def _messages(self, conv: Conversation, before: int | None,
+                  limit: int) -> Op[list[Message]]:
         if conv.room is not None:
             yield from self._room_exists(conv.room)
         found = yield rows(
             f"SELECT {_MESSAGE_COLUMNS} FROM chat_messages WHERE conv = ? AND id < ? "
             f"ORDER BY id DESC LIMIT ?",
             conv.key, before if before is not None else 2**62, limit)
-        messages = yield from self._with_replies([_message(row) for row in found.rows])
-        return messages, (yield from self._outbox_position())
+        return (yield from self._with_replies([_message(row) for row in found.rows]))
 
     @staticmethod
     def _outbox_position() -> Op[int]:
