@@ -587,7 +587,8 @@ async def test_the_saved_cursor_never_passes_what_the_hub_stored(pg: PostgresDB)
 
     ahead = [(cursor, stored) for cursor, stored in looks if cursor > stored]
     moving = {cursor for cursor, _ in looks}
-    assert len(moving) > 10, "the cursor was seen at too few places to tell"
+    # Logical decoding reads bigger pages (about 20 places here, the trigger 200).
+    assert len(moving) > 3, "the cursor was seen at too few places to tell"
     assert not ahead, f"saved cursor past the hub's history: {ahead[:5]} of {len(looks)}"
 
 
