@@ -154,11 +154,7 @@ def test_workers_need_a_bus(tmp_path: Path) -> None:
 async def test_workers_share_one_port(hub_factory: type[HubProcess]) -> None:
     bus = f"{require(REDIS_URL)}?namespace=t{uuid.uuid4().hex[:12]}"
     server = hub_factory("--bus", bus, "--workers", "2").start()
-    pids = set()
-    deadline = time.monotonic() + 20
-    while len(pids) < 2 and time.monotonic() < deadline:
-        with httpx.Client() as fresh:  # a new connection each time
-            pids.add(fresh.get(server.url + "/healthz").json()["pid"])
+    pids = _worker_pids(server.url, 2)
     assert len(pids) == 2
     async with httpx.AsyncClient(timeout=10) as client, contextlib.AsyncExitStack() as stack:
         # Each open stream holds its own connection; the kernel spreads them over workers.
@@ -178,17 +174,24 @@ async def test_workers_end_when_their_supervisor_is_killed(
     workers shut down by themselves instead of serving on with nobody to stop them."""
     bus = f"{require(REDIS_URL)}?namespace=t{uuid.uuid4().hex[:12]}"
     server = hub_factory("--bus", bus, "--workers", "2").start()
-    pids: set[int] = set()
-    deadline = time.monotonic() + 20
-    while len(pids) < 2 and time.monotonic() < deadline:
-        with httpx.Client() as fresh:  # a new connection each time
-            pids.add(fresh.get(server.url + "/healthz").json()["pid"])
+    pids = _worker_pids(server.url, 2)
     assert len(pids) == 2 and server.pid not in pids
     os.kill(server.pid, signal.SIGKILL)
     deadline = time.monotonic() + 15
     while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert not [pid for pid in pids if _running(pid)], "a worker outlived its supervisor"
+
+
+def _worker_pids(url: str, workers: int) -> set[int]:
+    """The pids that answer `/healthz` on `url`, asked over new connections (the kernel
+    spreads them over the workers) until `workers` have answered, or for 20 s."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < workers and time.monotonic() < deadline:
+        with httpx.Client() as fresh:  # a new connection each time
+            pids.add(fresh.get(url + "/healthz").json()["pid"])
+    return pids
 
 
 def _running(pid: int) -> bool:

@@ -320,5 +320,5 @@ async def _error_event(send: Send, exc: TidingsError) -> None:
     why, instead of silence or a reconnect loop on a 4xx."""
     data = json.dumps({"error": exc.message, "status": exc.status_hint,
                        "code": "resume_token_too_old"})
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS[:2]})
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     await send({"type": "http.response.body", "body": encode_event(data, event="error")})
