@@ -16,6 +16,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -31,6 +32,8 @@ from tests.integration.feed_backends import (
     seq_of,
     watch,
 )
+from tidings.feeds.postgres.capture import ChangeLog
+from tidings.pgdb import Connection
 
 pytestmark = pytest.mark.anyio
 
@@ -198,3 +201,30 @@ async def test_a_lost_slot_makes_older_tokens_too_old(pg_logical: PostgresDB) ->
             await pg.execute("INSERT INTO orders (id, item) VALUES (2, 'after')")
             assert payload(await stream.next())["documentKey"] == {"id": 2}
 
+
+
+async def test_a_step_decoded_again_adds_no_row_twice(pg_logical: PostgresDB) -> None:
+    """A tailer that dies after its step committed the changes it decoded, but before it
+    moved the slot past them, decodes them again when it comes back: they must not enter
+    the log twice. Two fresh decoders (nothing in memory, as after that crash) step over
+    the same WAL without moving the slot in between."""
+    pg = pg_logical
+    server = pg.start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        await insert(client, server.url, {"username": "a", "content": "0"})
+        await pg.published_all()
+    server.stop()  # (gracefully: the slot has moved past everything so far)
+    await pg.execute("INSERT INTO orders (item, qty) SELECT 'row ' || i, i "
+                     "FROM generate_series(1, 5) i; "
+                     "INSERT INTO orders (item, qty) VALUES ('one more', 6)")
+    changes = ChangeLog.of(pg.schema)
+    async with pg.connection() as conn:
+        for _ in range(2):
+            decoder = changes.decoder(pg.db_name)
+            done = await decoder.step(cast(Connection, conn))
+            assert done.mode == "logical"
+        counts = await conn.fetch(
+            "SELECT new_doc ->> 'item' AS item, count(*) FROM tidings_changes "
+            "WHERE coll = 'orders' AND op = 'insert' GROUP BY 1 ORDER BY 1")
+    assert {r["item"]: r["count"] for r in counts} == {
+        **{f"row {i}": 1 for i in range(1, 6)}, "one more": 1}

@@ -67,6 +67,9 @@ def tables(n: Names) -> list[str]:
             at       timestamptz NOT NULL,
             lsn      pg_lsn
         )""",
+        # Where a read starts (`tidings_read`), and retention's newest position: one
+        # probe instead of a scan of the ticks retention keeps (up to one per change).
+        create_index(n.schema, "tidings_ticks_through", n.ticks, "through"),
         # Never written, so never vacuumed: locking it cannot wait on autovacuum.
         f"CREATE TABLE IF NOT EXISTS {n.tick_lock} ()",
     ]
@@ -91,10 +94,16 @@ def batch_rows(n: Names, prev: str, cur: str, columns: str, where: str = "") -> 
 
 
 def _function(n: Names, signature: str, returns: str, body: str, *,
-              definer: bool = False) -> str:
+              definer: bool = False, indexed: bool = True) -> str:
+    """`indexed`: the function reads the log and the ticks on their indexes only. A
+    PL/pgSQL function's statements keep the plan made when the session first ran them
+    (after five custom ones), so the tailer's session, made when the log was empty, kept
+    a scan of the whole log for good, and read all of it on every step as it grew (up to
+    retention: 100,000 changes)."""
     text = (f"CREATE OR REPLACE FUNCTION {n.schema}.{signature} RETURNS {returns}\n"
             f"LANGUAGE plpgsql {'SECURITY DEFINER ' if definer else ''}"
-            f"SET search_path = pg_catalog, pg_temp AS {_BODY}\n{body}\n{_BODY}")
+            f"SET search_path = pg_catalog, pg_temp "
+            f"{'SET enable_seqscan = off ' if indexed else ''}AS {_BODY}\n{body}\n{_BODY}")
     if text.count(_BODY) != 2:
         raise ConfigError(f"the schema name {n.schema!r} cannot be used")
     return text
@@ -170,7 +179,7 @@ BEGIN
     FROM (SELECT count(*) AS added FROM ({fresh}) r) f WHERE f.added > 0
     RETURNING through INTO made;
     RETURN coalesce(made, last.through);
-END""")
+END""", indexed=False)  # (no read: writers pay no setting)
 
 
 def _read(n: Names) -> str:
@@ -192,6 +201,11 @@ def _read(n: Names) -> str:
     old_doc text, new_doc text, wall_time text)""", f"""
 DECLARE
     b record;
+    k record;
+    first_tick bigint;
+    prev_tick bigint;
+    prev_snapshot pg_snapshot;
+    prev_through bigint;
     ended xid8;
     upto bigint;
     skip bigint;
@@ -226,11 +240,32 @@ BEGIN
     IF tick AND NOT EXISTS (SELECT FROM {n.ticks} t WHERE t.through > after) THEN
         PERFORM {n.schema}.tidings_tick();
     END IF;
-    FOR b IN SELECT cur.snapshot AS cur, prev.snapshot AS prev, prev.through AS base,
-                    cur.through, cur.at
-             FROM {n.ticks} cur JOIN {n.ticks} prev ON prev.tick = cur.tick - 1
-             WHERE cur.through > after ORDER BY cur.tick
+    -- The batches after `after`, each between its tick's snapshot and the one before:
+    -- from the first tick past `after` (found on the index on `through`) in tick order,
+    -- the tick before it giving the first batch's start. (A join of the ticks to
+    -- themselves was planned as a hash join over all of them: a scan of every tick
+    -- retention keeps, on every read.)
+    SELECT t.tick INTO first_tick FROM {n.ticks} t WHERE t.through > after
+    ORDER BY t.through LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    prev_tick := NULL;
+    FOR k IN SELECT c.tick, c.snapshot, c.through, c.at FROM {n.ticks} c
+             WHERE c.tick >= first_tick - 1 AND c.through IS NOT NULL ORDER BY c.tick
     LOOP
+        IF prev_tick IS NULL OR k.tick <> prev_tick + 1 OR k.through <= after THEN
+            -- The tick before the first batch (or the oldest kept): a start only.
+            prev_tick := k.tick;
+            prev_snapshot := k.snapshot;
+            prev_through := k.through;
+            CONTINUE;
+        END IF;
+        SELECT k.snapshot AS cur, prev_snapshot AS prev, prev_through AS base,
+               k.through AS through, k.at AS at INTO b;
+        prev_tick := k.tick;
+        prev_snapshot := k.snapshot;
+        prev_through := k.through;
         -- Where in this batch to go on: after its first `skip` changes, that is after
         -- the last one read (known, or found once, after a restart).
         skip := greatest(after - b.base, 0);

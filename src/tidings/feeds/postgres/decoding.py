@@ -19,8 +19,9 @@ The tailer's step (`step`), under the tick lock, in one transaction:
    of a newer id), `seq` = the change's LSN * 1024 + its rank among changes sharing that
    LSN (statement order), the document built in SQL from the decoded column texts as the
    trigger would (`to_jsonb(row)`, or the managed document), the commit time as
-   `wall_time`. A row already there (same txid and seq: decoded before a crash) is not
-   inserted again.
+   `wall_time`. Changes of transactions that commit before the position the last step
+   that copied any recorded with its rows (`decoded_through`) are already there (decoded
+   before a crash, the slot not yet moved): they are not inserted again.
 3. Close the ticks API reads left pending (their `through` is NULL: a read's snapshot,
    recorded before this step's lock, so before S) and then this step's own tick at S, if
    its batch is not empty: `through` = the previous tick's + the rows of the batch, now
@@ -173,6 +174,12 @@ class Decoder:
     names: Names  # the log's objects
     captured: str  # the registry of captured tables (name, key, kind)
     relations: dict[int, Relation] = field(default_factory=dict)
+    # The tailer's connection for the statements that decode (reading and moving the
+    # slot), when it has one. Decoding in a session invalidates its catalog caches and
+    # with them every plan it cached: on the step's connection the log's insert, its
+    # PL/pgSQL functions and the reads were parsed and planned again after every step
+    # (perf: about half the tailer's backend CPU).
+    reader: Connection | None = None
     _restarted: float = 0.0  # monotonic: when `_restart` last had a snapshot logged
     _unadvanced: int = 0  # the WAL position the slot may move to (`advance`)
 
@@ -341,6 +348,7 @@ class Decoder:
         lsn, self._unadvanced = self._unadvanced, 0
         if not lsn:
             return
+        conn = self.reader or conn
         await self._restart(conn)
         await conn.execute(
             "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) "
@@ -384,6 +392,7 @@ class Decoder:
         row = await conn.fetchrow(
             f"SELECT (SELECT value FROM {self.names.state} WHERE name = 'capture'), "
             f"(SELECT value FROM {self.names.state} WHERE name = 'logical_from'), "
+            f"(SELECT value FROM {self.names.state} WHERE name = 'decoded_through'), "
             f"s.slot_name IS NOT NULL, s.wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), "
             f"s.confirmed_flush_lsn)::bigint, pg_current_snapshot()::text, "
             f"pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text "
@@ -392,15 +401,18 @@ class Decoder:
         mode = "logical" if row[0] == "logical" else "trigger"
         if mode != "logical" and not drain:
             return Step(mode)
-        if not row[2] or row[3] == "lost":
+        if not row[3] or row[4] == "lost":
             raise SlotLost(f"replication slot {self.slot} is "
-                           f"{'gone' if not row[2] else 'lost'}")
-        lag = None if row[4] is None else _int(row[4])
-        snapshot = str(row[5])
-        lsn = lsn_value(row[6]) if upto is None else upto
-        if lsn_value(row[7]) < lsn and not await self._flushed(conn, lsn, wait_s):
+                           f"{'gone' if not row[3] else 'lost'}")
+        lag = None if row[5] is None else _int(row[5])
+        snapshot = str(row[6])
+        lsn = lsn_value(row[7]) if upto is None else upto
+        if lsn_value(row[8]) < lsn and not await self._flushed(conn, lsn, wait_s):
             return Step(mode, lag_bytes=lag, unflushed=True)  # nothing done: again
-        messages = await conn.fetch(
+        # (The switch to triggers drains on its own connection: the tailer's reader may
+        # be busy moving the slot.)
+        reader = conn if drain or self.reader is None else self.reader
+        messages = await reader.fetch(
             "SELECT (lsn - '0/0'::pg_lsn)::bigint, data FROM "
             "pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, NULL, "
             "'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
@@ -408,14 +420,21 @@ class Decoder:
         decoded = decode([(_int(m[0]), cast(bytes, m[1])) for m in messages], self.relations,
                          prefix=_PREFIX)
         self.relations = decoded.relations
-        start = lsn_value(row[1] or "0/0")
+        # Transactions that committed before the switch to logical decoding were logged by
+        # the trigger, those before `decoded_through` by an earlier step.
+        start = max(lsn_value(row[1] or "0/0"), lsn_value(row[2] or "0/0"))
         changes = [c for c in decoded.changes if c.commit_lsn >= start]
+        copied = ""
         if changes:
-            await self._insert(conn, changes)
+            # (A log from before `decoded_through`: the first step looks for each row.)
+            await self._insert(conn, changes, look=row[2] is None)
+            copied = (f"INSERT INTO {self.names.state} (name, value) VALUES "
+                      f"('decoded_through', {literal(lsn_text(lsn))}) ON CONFLICT (name) "
+                      f"DO UPDATE SET value = excluded.value; ")
         # Texts PostgreSQL made (digits, colons, commas; hex and a slash): as literals, so
         # that the step's own transaction commits in the same round trip.
         own = "NULL" if drain else f"{literal(snapshot)}::pg_snapshot"
-        await conn.execute(f"SELECT {self.names.schema}.tidings_close({own}, "
+        await conn.execute(f"{copied}SELECT {self.names.schema}.tidings_close({own}, "
                            f"{literal(lsn_text(lsn))}::pg_lsn)" + ("" if drain else "; COMMIT"))
         return Step(mode, len(changes), lag, lsn)
 
@@ -430,8 +449,9 @@ class Decoder:
             await asyncio.sleep(0.002)
         return False
 
-    async def _insert(self, conn: Connection, changes: list[Change]) -> None:
-        """Insert the log rows of `changes`: one statement per table."""
+    async def _insert(self, conn: Connection, changes: list[Change], *, look: bool) -> None:
+        """Insert the log rows of `changes`: one statement per table (`look`: but not
+        those already there)."""
         captured = {
             str(r[0]): (Captured(str(r[0]), str(r[1]), str(r[2])),
                         [str(c) for c in cast("list[str]", r[3])])
@@ -447,10 +467,10 @@ class Decoder:
                 by_table.setdefault(change.relation.name, []).append(change)
         for name, rows in by_table.items():
             if name in captured:  # else no longer captured (`tidings watch --stop`)
-                await self._insert_table(conn, *captured[name], rows)
+                await self._insert_table(conn, *captured[name], rows, look)
 
     async def _insert_table(self, conn: Connection, what: Captured, columns: list[str],
-                            rows: list[Change]) -> None:
+                            rows: list[Change], look: bool) -> None:
         table = f"{ident(self.schema)}.{ident(what.name)}"
         key = literal(what.key)
         if columns:
@@ -479,9 +499,9 @@ class Decoder:
             f"CROSS JOIN LATERAL (SELECT (((r.newer >> 32) - (u.xid > (r.newer & 4294967295))"
             f"::int) << 32 | u.xid)::text::xid8 AS txid) x "
             f"CROSS JOIN LATERAL (SELECT CASE WHEN u.old IS NOT NULL THEN {old} END AS o, "
-            f"CASE WHEN u.new IS NOT NULL THEN {new} END AS n) d "
-            f"WHERE NOT EXISTS (SELECT FROM {self.names.table} c WHERE c.txid = x.txid "
-            f"AND c.seq = u.seq) ORDER BY u.seq",
+            f"CASE WHEN u.new IS NOT NULL THEN {new} END AS n) d " + (
+                f"WHERE NOT EXISTS (SELECT FROM {self.names.table} c WHERE c.txid = x.txid "
+                f"AND c.seq = u.seq) " if look else "") + "ORDER BY u.seq",
             what.name,
             [c.lsn * _SEQ_ORDERS + c.order for c in rows],
             [c.xid for c in rows],

@@ -505,6 +505,9 @@ class _SchemaLog:
                 yield cursor
             finally:
                 self._conn = None
+                reader, self._feed._decoder.reader = self._feed._decoder.reader, None
+                if reader is not None:
+                    await close_quietly(reader)
 
     def _leading(self) -> Connection:
         if self._conn is None:
@@ -553,6 +556,10 @@ class _SchemaLog:
     async def _step(self, conn: Connection) -> None:
         """Logical decoding: copy the slot's changes into the log and tick."""
         decoder = self._feed._decoder
+        if decoder.reader is None:  # (closed with the tailer's lead)
+            decoder.reader = await connect(
+                self._feed._dsn, command_timeout=None,
+                application_name=f"tidings-feed-decoder:{self._feed._log.schema}")
         try:
             done = await decoder.step(conn)
         except SlotLost as exc:
