@@ -138,6 +138,25 @@ async def test_stored_positions_are_the_stream_entry_ids(
 
 
 @pytest.mark.anyio
+async def test_a_page_is_stored_in_order_and_a_repeat_once(
+    opener: Opener, raw: Redis, namespace: str
+) -> None:
+    """`append_many` (how the tailers publish a page): in order, each repeat of an
+    update already stored (a page published again after a crash) stored once."""
+    t = await opener()
+    page = [update(i, id=f"page-{i}") for i in range(4)]
+    earlier = await t.append(page[1])
+    stored = await t.append_many(page)
+    written = await entries(raw, f"{namespace}:updates")
+    assert [s.id for s in stored] == [u.id for u in page]
+    assert stored[1].seq == earlier.seq  # the repeat: the stored one, not a new entry
+    assert [seq_from_entry_id(entry_id) for entry_id, _ in written] == [
+        earlier.seq, stored[0].seq, stored[2].seq, stored[3].seq]
+    assert stored[0].seq < stored[2].seq < stored[3].seq
+    assert t.last_seq == stored[3].seq
+
+
+@pytest.mark.anyio
 async def test_an_exhausted_millisecond_moves_to_the_next(
     opener: Opener, raw: Redis, namespace: str
 ) -> None:

@@ -324,21 +324,43 @@ class RedisTransport:
     async def append(self, update: Update) -> Update:
         created_at = time.time()
         with self._bus("the update was not stored"):
-            reply = cast(list[object], await self._append_script(keys=self._keys, args=[
-                update.id,
-                json.dumps(update.topics),
-                update.data,
-                "1" if update.private else "0",
-                update.type or "",
-                "" if update.retry is None else str(update.retry),
-                repr(created_at),
-                update.frame,
-                self._history_size,
-                self._max_age_ms,
-                _INDEX_TRIM_BUDGET,
-                entry_id_from_seq(self._last_seq),
-                secrets.token_hex(8),
-            ]))
+            reply = await self._append_script(keys=self._keys,
+                                              args=self._append_args(update, created_at))
+        return self._appended(update, created_at, cast(list[object], reply))
+
+    async def append_many(self, updates: Sequence[Update]) -> list[Update]:
+        """`append` each, in one round trip (a pipeline: Redis runs its scripts in order,
+        so what ran when it fails is a prefix). The chat's relay and the feeds' tailers
+        publish pages this way: one round trip per update held them to about 700 a
+        second behind a busy event loop."""
+        created_at = time.time()
+        with self._bus("the updates were not stored"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for update in updates:
+                    await self._append_script(keys=self._keys, client=pipe,
+                                              args=self._append_args(update, created_at))
+                replies = await pipe.execute()
+        return [self._appended(update, created_at, cast(list[object], reply))
+                for update, reply in zip(updates, replies, strict=True)]
+
+    def _append_args(self, update: Update, created_at: float) -> list[object]:
+        return [
+            update.id,
+            json.dumps(update.topics),
+            update.data,
+            "1" if update.private else "0",
+            update.type or "",
+            "" if update.retry is None else str(update.retry),
+            repr(created_at),
+            update.frame,
+            self._history_size,
+            self._max_age_ms,
+            _INDEX_TRIM_BUDGET,
+            entry_id_from_seq(self._last_seq),
+            secrets.token_hex(8),
+        ]
+
+    def _appended(self, update: Update, created_at: float, reply: list[object]) -> Update:
         if len(reply) == 2:
             return _from_script(reply)  # the same update sent again: stored once
         stored = update.stored(seq_from_entry_id(cast(bytes, reply[0])), created_at)
