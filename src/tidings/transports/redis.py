@@ -343,7 +343,7 @@ class RedisTransport:
         return [self._appended(update, created_at, cast(list[object], reply))
                 for update, reply in zip(updates, replies, strict=True)]
 
-    def _append_args(self, update: Update, created_at: float) -> list[str | int]:
+    def _append_args(self, update: Update, created_at: float) -> list[str | bytes | int]:
         return [
             update.id,
             json.dumps(update.topics),
