@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 
 import pytest
 
 from tidings.chat import events
+from tidings.chat.accounts import CheckedSessions
 from tidings.chat.errors import InvalidInput
 from tidings.chat.exports import render
 from tidings.chat.model import (
@@ -88,6 +90,22 @@ def test_sliding_window() -> None:
     now[0] = 100.0
     limit.hit("c")
     assert set(limit._hits) == {"c"}  # idle keys are swept
+
+
+def test_checked_sessions_are_trusted_briefly_and_forgotten_at_logout() -> None:
+    checked = CheckedSessions(ttl_s=0.05, size=2)
+    assert not checked.fresh("s1", "alice")
+    checked.confirmed("s1", "alice")
+    assert checked.fresh("s1", "alice")
+    assert not checked.fresh("s1", "bob")  # the session of another user: asked again
+    checked.forget("s1")
+    assert not checked.fresh("s1", "alice")
+    checked.confirmed("s1", "alice")
+    time.sleep(0.06)
+    assert not checked.fresh("s1", "alice")  # past ttl_s: the store is asked again
+    for sid in ("a", "b", "c"):  # bounded: the third starts over
+        checked.confirmed(sid, "alice")
+    assert checked.fresh("c", "alice") and not checked.fresh("a", "alice")
 
 
 def test_presence_registry() -> None:

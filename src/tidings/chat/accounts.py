@@ -4,7 +4,8 @@ A session is a JWT signed with the hub's subscriber key. Its subscribe claim lis
 private topics its user may read (`model.subscribe_selectors`), so the very token that
 authorizes the chat's API calls also authorizes the browser's `EventSource` on the hub,
 with no second credential. Its Mercure payload names the user and the session id; the
-store keeps session ids, so logging out revokes the session for the API at once. (The hub
+store keeps session ids, so logging out revokes the session for the API: at once on the
+process that logs out, within `CheckedSessions.ttl_s` on the others. (The hub
 itself checks signatures and `exp` only: a copied token would read until it expires, but
 the browser drops both cookies at logout.)
 """
@@ -25,7 +26,7 @@ from tidings.chat.model import subscribe_selectors
 from tidings.errors import Unauthorized
 from tidings.hub.auth import KeyConfig, decode_token
 
-__all__ = ["Passwords", "Session", "SessionTokens"]
+__all__ = ["CheckedSessions", "Passwords", "Session", "SessionTokens"]
 
 
 class Passwords:
@@ -125,3 +126,28 @@ class SessionTokens:
     def due_for_refresh(self, session: Session) -> bool:
         """Past half its life: `GET /api/me` then hands out a fresh token."""
         return session.expires_at - time.time() < self.ttl_s / 2
+
+
+class CheckedSessions:
+    """Sessions the store confirmed live in the last `ttl_s`: every API call checks its
+    session, and a chat POST did so with a round trip of its own to the database, on the
+    pool its write then waited for. A logout on this process is forgotten at once
+    (`forget`); one on another process takes effect here within `ttl_s`."""
+
+    def __init__(self, ttl_s: float = 1.0, size: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self._size = size
+        self._until: dict[tuple[str, str], float] = {}  # (sid, username): monotonic
+
+    def fresh(self, sid: str, username: str) -> bool:
+        until = self._until.get((sid, username))
+        return until is not None and time.monotonic() < until
+
+    def confirmed(self, sid: str, username: str) -> None:
+        if len(self._until) >= self._size:  # bounded: start over (each costs one check)
+            self._until.clear()
+        self._until[(sid, username)] = time.monotonic() + self.ttl_s
+
+    def forget(self, sid: str) -> None:
+        for key in [key for key in self._until if key[0] == sid]:
+            del self._until[key]

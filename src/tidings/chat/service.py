@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tidings.chat import events
-from tidings.chat.accounts import Passwords, Session, SessionTokens
+from tidings.chat.accounts import CheckedSessions, Passwords, Session, SessionTokens
 from tidings.chat.assistant import AssistantConfig
 from tidings.chat.errors import (
     BadCredentials,
@@ -103,6 +103,7 @@ class ChatService:
         self.hub = hub
         self.config = config
         self.tokens = SessionTokens(session_key, config.session_ttl_s)
+        self._checked = CheckedSessions()
         self.passwords = Passwords()
         self.store = ChatStore(config.db_url, on_write=self._wake_relay)
         self.relay = Relay(self.store, hub)
@@ -194,8 +195,11 @@ class ChatService:
     async def session(self, token: str | None) -> Session:
         """The live session a token carries (NoSession: 401)."""
         session = self.tokens.read(token)
+        if self._checked.fresh(session.sid, session.username):
+            return session
         if not await self.store.session_valid(session.sid, session.username, time.time()):
             raise NoSession("the session has ended: sign in again")
+        self._checked.confirmed(session.sid, session.username)
         return session
 
     async def logout(self, token: str | None) -> None:
@@ -203,6 +207,7 @@ class ChatService:
             session = self.tokens.read(token)
         except NoSession:
             return
+        self._checked.forget(session.sid)
         await self.store.delete_session(session.sid)
 
     async def refresh(self, session: Session) -> Session | None:
