@@ -87,6 +87,10 @@ class InvalidInput(TidingsError, status_hint=422):
 class RateLimited(RetryLater, status_hint=429):
     """Too many messages or sign-in attempts; `retry_after_s` says when to try again."""
 
+    @classmethod
+    def messages(cls, limit: int, window_s: float, wait_s: int) -> RateLimited:
+        return cls(f"at most {limit} messages in {window_s:g} s; wait {wait_s} s", wait_s)
+
 
 class ChatUnavailable(ServiceUnavailable):
     """No key the chat can sign sessions with."""

@@ -43,4 +43,9 @@ class SharedLimit:
         self.window_s = window_s
 
     async def hit(self, key: str) -> int:
-        return await self._cluster.hit(f"{self._name}:{key}", self.limit, self.window_s)
+        return await self._cluster.hit(*self.charge(key))
+
+    def charge(self, key: str) -> tuple[str, int, float]:
+        """`chat_cluster_hit`'s arguments for a hit to `key`: for a write that charges the
+        limit in its own transaction (`ChatStore.post`)."""
+        return f"{self._name}:{key}", self.limit, self.window_s

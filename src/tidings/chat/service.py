@@ -318,8 +318,12 @@ class ChatService:
         ask = conversation.room is not None and ASSISTANT in named
         if ask:
             self.replies.check_prompt(text, "content")
-        await self._charge(me)
-        message, notified = await self.store.post(conversation, me, text, named)
+        if isinstance(self.limiter, SharedLimit):  # charged in the message's transaction
+            message, notified = await self.store.post(conversation, me, text, named,
+                                                      self.limiter.charge(me))
+        else:
+            await self._charge(me)
+            message, notified = await self.store.post(conversation, me, text, named)
         if notified:
             log.debug("chat: message %s mentions %s", message.id, notified)
         if ask:
@@ -351,9 +355,7 @@ class ChatService:
         """Count one message against `me`'s rate limit (429 when it is spent)."""
         wait_s = await self.limiter.hit(me)
         if wait_s:
-            raise RateLimited(
-                f"at most {self.limiter.limit} messages in {self.limiter.window_s:g} s; "
-                f"wait {wait_s} s", wait_s)
+            raise RateLimited.messages(self.limiter.limit, self.limiter.window_s, wait_s)
 
     async def history(self, conversation: Conversation, before: str | None,
                       limit: str | None) -> dict[str, object]:

@@ -28,6 +28,7 @@ from typing import Literal, Protocol, TypeVar
 from tidings.chat import events
 from tidings.chat.errors import (
     NotAllowed,
+    RateLimited,
     Taken,
     UnknownMessage,
     UnknownRoom,
@@ -426,13 +427,20 @@ class ChatStore:
                 raise UnknownUser(f"no user named {other!r}")
 
     async def post(self, conv: Conversation, sender: str, content: str,
-                   mentioned: list[str]) -> tuple[Message, list[str]]:
-        """Store a message; returns it and who was notified of a mention."""
-        return await self._write(self._post(conv, sender, content, mentioned))
+                   mentioned: list[str], charge: tuple[str, int, float] | None = None,
+                   ) -> tuple[Message, list[str]]:
+        """Store a message; returns it and who was notified of a mention. `charge`: a
+        shared rate limit's hit (`SharedLimit.charge`), counted in the same transaction
+        (PostgreSQL): a refusal writes nothing, and a post costs one commit, not two."""
+        return await self._write(self._post(conv, sender, content, mentioned, charge))
 
-    def _post(self, conv: Conversation, sender: str, content: str,
-              mentioned: list[str]) -> Op[tuple[Message, list[str]]]:
+    def _post(self, conv: Conversation, sender: str, content: str, mentioned: list[str],
+              charge: tuple[str, int, float] | None) -> Op[tuple[Message, list[str]]]:
         now = now_iso()
+        if charge is not None:
+            wait_s = (yield pg_only("SELECT chat_cluster_hit(?, ?, ?)", *charge)).value()
+            if wait_s:
+                raise RateLimited.messages(charge[1], charge[2], _int(wait_s))
         yield from self._check_writable(conv, sender)
         if conv.dm is not None:
             yield count("INSERT INTO chat_dms VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
