@@ -182,6 +182,7 @@ class Decoder:
     reader: Connection | None = None
     _restarted: float = 0.0  # monotonic: when `_restart` last had a snapshot logged
     _unadvanced: int = 0  # the WAL position the slot may move to (`advance`)
+    _advanced: int = 0  # where `advance` last moved it
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -279,7 +280,7 @@ class Decoder:
 
     async def recover(self, conn: Connection, why: str) -> None:
         """A new slot for a lost one (outside any transaction), and the gap marked."""
-        self._unadvanced = 0
+        self._unadvanced = self._advanced = 0
         await self.drop_slot(conn)
         await self.ensure_slot(conn)
         async with conn.transaction():
@@ -346,15 +347,16 @@ class Decoder:
         and keep the decoding's start near it (`_restart`). The tailer calls this before
         each step and before it idles, not between a step and publishing its changes."""
         lsn, self._unadvanced = self._unadvanced, 0
-        if not lsn:
+        if lsn <= self._advanced:  # (a step that found the WAL where it was)
             return
         conn = self.reader or conn
         await self._restart(conn)
-        await conn.execute(
-            "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) "
-            "FROM pg_replication_slots "
-            "WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
-            self.slot, lsn_text(lsn))
+        # The function alone, not through the pg_replication_slots view: after decoding
+        # the session's caches are cold, and planning the view's query refilled them
+        # (`lsn` is a step's L, never behind the slot: the step read from there).
+        await conn.execute("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                           self.slot, lsn_text(lsn))
+        self._advanced = lsn
 
     async def _restart(self, conn: Connection) -> None:
         """Every call that reads the slot decodes the WAL from the slot's `restart_lsn`,
