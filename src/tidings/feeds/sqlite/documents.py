@@ -65,8 +65,14 @@ class Documents(Backend[Shape]):
         db = self._writer
         with transaction(db):
             try:
+                # created_at is SQLite's millisecond clock, kept above the newest
+                # document's (one index probe): two inserts in one millisecond would
+                # otherwise tie, and the list's created_at order fall back to their ids.
                 db.execute(f"INSERT INTO {shape.table} (id, doc, created_at, updated_at) "
-                           f"VALUES (?, ?, {NOW}, {NOW})", (doc_id, text))
+                           f"SELECT ?, ?, t, t FROM (SELECT CASE WHEN m >= n THEN "
+                           f"strftime('%Y-%m-%dT%H:%M:%fZ', m, '+0.001 seconds') ELSE n END "
+                           f"AS t FROM (SELECT max(created_at) AS m, {NOW} AS n "
+                           f"FROM {shape.table}))", (doc_id, text))
             except sqlite3.IntegrityError:
                 raise Conflict(f"a document with id {doc_id!r} exists already") from None
             return self._result(db, shape, doc_id)
