@@ -360,3 +360,18 @@ def test_mongodb_configuration() -> None:
                 {"tables": {"m": {}}, "mongodb": {"collections": {"m": {}}}}):
         with pytest.raises(ConfigError):
             parse_config(bad)
+
+
+def test_the_log_functions_read_on_indexes_and_the_capture_trigger_sets_nothing() -> None:
+    """The PostgreSQL log's functions run with `enable_seqscan = off` (their cached plans
+    must not scan the whole log); the capture trigger, which runs in every writer's
+    transaction and reads nothing, must not pay for the setting."""
+    from tidings.feeds.postgres.capture import ChangeLog
+    from tidings.feeds.postgres.capture_sql import functions
+
+    created = {text.split("(", 1)[0].rsplit(".", 1)[-1]: text
+               for text in functions(ChangeLog.of("s")._names)
+               if text.startswith("CREATE OR REPLACE FUNCTION")}
+    assert "enable_seqscan" not in created["tidings_capture"]
+    for name in ("tidings_tick", "tidings_close", "tidings_read", "tidings_place"):
+        assert "SET enable_seqscan = off" in created[name], name

@@ -148,7 +148,7 @@ BEGIN
         PERFORM pg_notify({literal(n.channel)}, '');
     END IF;
     RETURN NULL;
-END""", definer=True)
+END""", definer=True, indexed=False)  # (no read: writers pay no setting)
 
 
 def _tick(n: Names) -> str:
@@ -179,7 +179,7 @@ BEGIN
     FROM (SELECT count(*) AS added FROM ({fresh}) r) f WHERE f.added > 0
     RETURNING through INTO made;
     RETURN coalesce(made, last.through);
-END""", indexed=False)  # (no read: writers pay no setting)
+END""")
 
 
 def _read(n: Names) -> str:
