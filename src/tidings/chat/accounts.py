@@ -137,17 +137,16 @@ class CheckedSessions:
     def __init__(self, ttl_s: float = 1.0, size: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self._size = size
-        self._until: dict[tuple[str, str], float] = {}  # (sid, username): monotonic
+        self._until: dict[str, tuple[str, float]] = {}  # sid: (username, monotonic)
 
     def fresh(self, sid: str, username: str) -> bool:
-        until = self._until.get((sid, username))
-        return until is not None and time.monotonic() < until
+        checked = self._until.get(sid)
+        return checked is not None and checked[0] == username and time.monotonic() < checked[1]
 
     def confirmed(self, sid: str, username: str) -> None:
         if len(self._until) >= self._size:  # bounded: start over (each costs one check)
             self._until.clear()
-        self._until[(sid, username)] = time.monotonic() + self.ttl_s
+        self._until[sid] = (username, time.monotonic() + self.ttl_s)
 
     def forget(self, sid: str) -> None:
-        for key in [key for key in self._until if key[0] == sid]:
-            del self._until[key]
+        self._until.pop(sid, None)

@@ -20,6 +20,10 @@ class RateLimit(Protocol):
     async def hit(self, key: str) -> int:
         """0, or (refused, not counted) the whole seconds to wait."""
 
+    def charge(self, key: str) -> tuple[str, int, float] | None:
+        """`chat_cluster_hit`'s arguments for a hit to `key`, for a write that charges the
+        limit in its own transaction (`ChatStore.post`); None: `hit` it instead."""
+
 
 class LocalLimit:
     def __init__(self, limit: int, window_s: float) -> None:
@@ -29,6 +33,9 @@ class LocalLimit:
 
     async def hit(self, key: str) -> int:
         return self._window.hit(key)
+
+    def charge(self, key: str) -> None:
+        return None  # in this process's memory: no transaction to join
 
 
 class SharedLimit:
@@ -46,6 +53,4 @@ class SharedLimit:
         return await self._cluster.hit(*self.charge(key))
 
     def charge(self, key: str) -> tuple[str, int, float]:
-        """`chat_cluster_hit`'s arguments for a hit to `key`: for a write that charges the
-        limit in its own transaction (`ChatStore.post`)."""
         return f"{self._name}:{key}", self.limit, self.window_s

@@ -318,12 +318,10 @@ class ChatService:
         ask = conversation.room is not None and ASSISTANT in named
         if ask:
             self.replies.check_prompt(text, "content")
-        if isinstance(self.limiter, SharedLimit):  # charged in the message's transaction
-            message, notified = await self.store.post(conversation, me, text, named,
-                                                      self.limiter.charge(me))
-        else:
+        charge = self.limiter.charge(me)  # shared: counted in the message's transaction
+        if charge is None:
             await self._charge(me)
-            message, notified = await self.store.post(conversation, me, text, named)
+        message, notified = await self.store.post(conversation, me, text, named, charge)
         if notified:
             log.debug("chat: message %s mentions %s", message.id, notified)
         if ask:

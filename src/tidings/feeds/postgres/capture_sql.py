@@ -203,7 +203,6 @@ DECLARE
     b record;
     k record;
     first_tick bigint;
-    prev_tick bigint;
     prev_snapshot pg_snapshot;
     prev_through bigint;
     ended xid8;
@@ -250,22 +249,16 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    prev_tick := NULL;
-    FOR k IN SELECT c.tick, c.snapshot, c.through, c.at FROM {n.ticks} c
+    FOR k IN SELECT c.snapshot, c.through, c.at FROM {n.ticks} c
              WHERE c.tick >= first_tick - 1 AND c.through IS NOT NULL ORDER BY c.tick
     LOOP
-        IF prev_tick IS NULL OR k.tick <> prev_tick + 1 OR k.through <= after THEN
-            -- The tick before the first batch (or the oldest kept): a start only.
-            prev_tick := k.tick;
-            prev_snapshot := k.snapshot;
-            prev_through := k.through;
-            CONTINUE;
-        END IF;
         SELECT k.snapshot AS cur, prev_snapshot AS prev, prev_through AS base,
                k.through AS through, k.at AS at INTO b;
-        prev_tick := k.tick;
         prev_snapshot := k.snapshot;
         prev_through := k.through;
+        -- (Ticks are numbered without gaps.) The first row is the tick before the first
+        -- batch, or the oldest kept: a start only.
+        CONTINUE WHEN b.base IS NULL;
         -- Where in this batch to go on: after its first `skip` changes, that is after
         -- the last one read (known, or found once, after a restart).
         skip := greatest(after - b.base, 0);
