@@ -102,6 +102,9 @@ def test_two_windows_on_two_processes_and_a_sigkill(
         editor.press("Enter")
         expect(bob.messages("Hello from process A, edited")).to_have_count(1,
                                                                           timeout=WAIT_MS)
+        # Bob may see the edit before Alice's page has its own answer and closes the
+        # editor (whose label also says "message"): wait for that before typing on.
+        expect(editor).to_have_count(0, timeout=WAIT_MS)
 
         # The assistant's reply, streamed by A, in both windows.
         alice.send("@assistant say hello")
