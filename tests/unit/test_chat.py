@@ -137,6 +137,19 @@ def test_updates_are_typed_json_on_the_conversation_topic() -> None:
     assert events.task_event("progress", "alice.1", {"percent": 5}).topic == "/tasks/alice.1"
 
 
+@pytest.mark.parametrize("conversation", [Conversation.of_room("general"),
+                                          Conversation.between("bob", "alice")])
+@pytest.mark.parametrize("content", ['plain', '{"id":0,"room":null}', 'é "id":0, \\ \n'])
+def test_a_message_update_made_around_its_id_is_the_update_itself(
+        conversation: Conversation, content: str) -> None:
+    # PostgreSQL's chat_post writes head + id + tail (one round trip per post).
+    head, tail = events.message_created_around_id(conversation, "alice", content,
+                                                  "2026-01-01T00:00:00.000Z")
+    for id_ in (1, 42, 9_007_199_254_740_993):
+        message = Message(id_, conversation, "alice", content, "2026-01-01T00:00:00.000Z")
+        assert head + str(id_) + tail == events.message_created(message).data
+
+
 def test_exports() -> None:
     messages = [Message(i, Conversation.of_room("general"), "alice", text,
                         "2026-01-01T00:00:00.000Z")

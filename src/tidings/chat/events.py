@@ -38,6 +38,7 @@ __all__ = [
     "member_event",
     "message_completed",
     "message_created",
+    "message_created_around_id",
     "message_deleted",
     "message_delta",
     "message_updated",
@@ -65,6 +66,18 @@ def _out(topic: str, data: dict[str, object]) -> Outgoing:
 def message_created(message: Message) -> Outgoing:
     return _out(message.conversation.topic,
                 {"type": "message.created", "message": message.to_json()})
+
+
+def message_created_around_id(conversation: Conversation, sender: str, content: str,
+                              created_at: str) -> tuple[str, str]:
+    """`message_created`'s JSON text before and after the message's id, for a database
+    that numbers the message as it writes the update (PostgreSQL's `chat_post`)."""
+    data = message_created(Message(0, conversation, sender, content, created_at)).data
+    # The message's id is the first key of the first object after the fixed "type".
+    head, mark, tail = data.partition('"id":0,')
+    if not mark:
+        raise AssertionError(f"no id in {data!r}")
+    return head + '"id":', "," + tail
 
 
 def message_updated(message: Message) -> Outgoing:

@@ -197,7 +197,55 @@ END $$;
 """
 _SQLITE_2 = ""
 
+# Migration 3: a message posted in one round trip (`ChatStore.post` on PostgreSQL, for a
+# message that mentions nobody): the checks, the rate limit's hit, the message, the
+# author's read mark and its `message.created` update, as `ChatStore._post` runs them
+# statement by statement, in one call that is its own transaction. The update's JSON is
+# made in Python (`events.message_created_around_id`), all but the id the insert takes.
+# A refused post writes nothing. SQLite runs in-process: nothing.
+_POSTGRES_3 = """CREATE OR REPLACE FUNCTION chat_post(
+    idle_key BIGINT, channel TEXT, p_conv TEXT, p_room TEXT, p_other TEXT, p_dm_a TEXT,
+    p_dm_b TEXT, p_sender TEXT, p_content TEXT, p_created_at TEXT, hit_key TEXT,
+    hit_limit INTEGER, hit_window DOUBLE PRECISION, p_topic TEXT, data_head TEXT,
+    data_tail TEXT, OUT status TEXT, OUT value BIGINT)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_room IS NOT NULL THEN
+        IF NOT EXISTS (SELECT 1 FROM chat_rooms WHERE name = p_room) THEN
+            status := 'no room';
+            RETURN;
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM chat_members
+                       WHERE room = p_room AND username = p_sender) THEN
+            status := 'not a member';
+            RETURN;
+        END IF;
+    ELSIF NOT EXISTS (SELECT 1 FROM chat_users WHERE username = p_other) THEN
+        status := 'no user';
+        RETURN;
+    END IF;
+    IF hit_key IS NOT NULL THEN
+        value := chat_cluster_hit(hit_key, hit_limit, hit_window);
+        IF value > 0 THEN
+            status := 'rate limited';
+            RETURN;
+        END IF;
+    END IF;
+    IF p_room IS NULL THEN
+        INSERT INTO chat_dms VALUES (p_conv, p_dm_a, p_dm_b) ON CONFLICT DO NOTHING;
+    END IF;
+    INSERT INTO chat_messages (conv, sender, content, created_at)
+        VALUES (p_conv, p_sender, p_content, p_created_at) RETURNING id INTO value;
+    INSERT INTO chat_reads VALUES (p_sender, p_conv, value)
+        ON CONFLICT (username, conv) DO UPDATE SET last_read = excluded.last_read
+        WHERE excluded.last_read > chat_reads.last_read;
+    PERFORM chat_emit(idle_key, channel, ARRAY[p_topic], ARRAY[data_head || value || data_tail]);
+    status := 'posted';
+END $$;
+"""
+_SQLITE_3 = ""
+
 # Migration n is item n-1: a script each (SQLite's are run statement by statement, split
 # at `;`; PostgreSQL runs a script as one).
-SQLITE: list[str] = [_SQLITE_1, _SQLITE_2]
-POSTGRES: list[str] = [_POSTGRES_1, _POSTGRES_2]
+SQLITE: list[str] = [_SQLITE_1, _SQLITE_2, _SQLITE_3]
+POSTGRES: list[str] = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3]

@@ -153,6 +153,7 @@ class PostgresDatabase:
     """A `ChatDatabase` in a PostgreSQL schema (see the module doc)."""
 
     ephemeral = False
+    calls = True  # it has the chat's functions (`Kind` "call")
     # A process that does not relay rereads the relay's saved cursor this often while a
     # history read waits for its position to be published.
     standby_poll_s = 0.05
@@ -198,6 +199,8 @@ class PostgresDatabase:
             async with pooled(pool) as conn:
                 if kind == "read":
                     return await _drive(conn, steps)
+                if kind == "call":
+                    return await self._call(conn, steps)
                 # A snapshot read may number the outbox (`ChatStore.history`): not read-only.
                 async with conn.transaction(
                         isolation="repeatable_read" if kind == "snapshot" else None):
@@ -209,6 +212,17 @@ class PostgresDatabase:
             raise InvalidInput("content", f"cannot store that: {exc}") from exc
         except UNAVAILABLE as exc:
             raise ServiceUnavailable(f"the chat's database cannot be used: {exc}") from exc
+
+    async def _call(self, conn: Connection, steps: Steps[T]) -> T:
+        """A write in one statement, its own transaction (`Kind` "call")."""
+        sql = steps.send(None)
+        if sql is None or steps.emitted:
+            raise RuntimeError("a call is one statement that emits nothing itself")
+        keys = self._keys
+        reply = Result(await conn.fetch(sql.for_pg(), keys.idle, keys.channel, *sql.args), 0)
+        if steps.send(reply) is not None:
+            raise RuntimeError("a call is one statement")
+        return steps.value
 
     async def _emit(self, conn: Connection, emitted: list[Outgoing]) -> None:
         """The operation's updates into the outbox (unnumbered: see the module doc), last

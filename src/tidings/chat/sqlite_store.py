@@ -72,6 +72,7 @@ class SQLiteDatabase:
     """A `ChatDatabase` on one SQLite connection and one thread (see the module doc)."""
 
     standby_poll_s = 10.0  # the relay is in this process and wakes its readers
+    calls = False  # in-process calls cost no round trip: no functions (`Kind` "call")
 
     def __init__(self, db_url: str) -> None:
         self.path = path_of(db_url)
@@ -110,6 +111,8 @@ class SQLiteDatabase:
         if db is None:
             raise ServiceUnavailable("the chat's database is not open")
         steps = Steps(op)
+        if kind == "call":
+            raise ValueError("SQLite has no chat functions to call")
         if kind == "read":
             return _drive(db, steps)
         with transaction(db, "IMMEDIATE" if kind == "write" else "DEFERRED"):
