@@ -367,6 +367,18 @@ def test_matcher_splits_exact_and_patterns() -> None:
     assert not m.matches("https://example.com/books/7/reviews")
 
 
+def test_matcher_remembers_verdicts_but_never_answers_differently() -> None:
+    books = compile_selector(BOOKS)
+    m = Matcher([books])
+    # Many more topics than it remembers, each asked twice: the remembered verdicts are
+    # started afresh when full, and every answer is the selector's own.
+    topics = [f"https://example.com/books/{i}" for i in range(200)]
+    topics += [f"https://example.com/books/{i}/x" for i in range(200)]
+    for _ in range(2):
+        for topic in topics:
+            assert m.matches(topic) is books.matches(topic)
+
+
 def test_matcher_wildcard() -> None:
     m = Matcher([compile_selector("x"), compile_selector("*", "urlpattern")])
     assert m.matches_all

@@ -410,13 +410,20 @@ class _SelectorCompiler:
 compile_selector: Final = _SelectorCompiler(_CACHE_SIZE)
 
 
+# A matcher remembers this many verdicts on non-exact topics (then starts afresh).
+_VERDICTS = 64
+
+
 class Matcher:
     """A set of selectors compiled once; ``matches(topic)`` is true if any selector matches.
 
-    Exact selectors are kept in a frozenset for O(1) checks, the others in a tuple.
+    Exact selectors are kept in a frozenset for O(1) checks, the others in a tuple. The
+    verdicts of the others are remembered, a few dozen topics' worth: fan-out asks one
+    subscriber's claims about the same few topics over and over (a chat window's private
+    room updates), and a template's regex costs more than a dict lookup.
     """
 
-    __slots__ = ("exact_topics", "matches_all", "patterns")
+    __slots__ = ("_verdicts", "exact_topics", "matches_all", "patterns")
 
     exact_topics: frozenset[str]
     matches_all: bool
@@ -436,12 +443,21 @@ class Matcher:
         self.exact_topics = frozenset(exact)
         self.matches_all = matches_all
         self.patterns = tuple(patterns)
+        self._verdicts: dict[str, bool] = {}
 
     def matches(self, topic: str) -> bool:
         """Whether any selector matches ``topic``."""
         if self.matches_all or topic in self.exact_topics:
             return True
-        return any(selector.matches(topic) for selector in self.patterns)
+        if not self.patterns:
+            return False
+        verdict = self._verdicts.get(topic)
+        if verdict is None:
+            verdict = any(selector.matches(topic) for selector in self.patterns)
+            if len(self._verdicts) >= _VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[topic] = verdict
+        return verdict
 
     def matches_any(self, topics: Iterable[str]) -> bool:
         """Whether any selector matches any of ``topics`` (False for no topics)."""
