@@ -197,7 +197,10 @@ END $$;
 """
 _SQLITE_2 = ""
 
-# Migration 3: a message posted in one round trip (`ChatStore.post` on PostgreSQL, for a
+# Migration 3: the relay's step and a message posted, one round trip each.
+# `chat_relay_step(done, after, lim)`: what `ChatStore.relay_done(done)` and then
+# `outbox_after(after, lim)` run as two transactions, in one call (one commit, not two).
+# `chat_post`: a message posted in one round trip (`ChatStore.post` on PostgreSQL, for a
 # message that mentions nobody): the checks, the rate limit's hit, the message, the
 # author's read mark and its `message.created` update, as `ChatStore._post` runs them
 # statement by statement, in one call that is its own transaction. The update's JSON is
@@ -241,6 +244,17 @@ BEGIN
         WHERE excluded.last_read > chat_reads.last_read;
     PERFORM chat_emit(idle_key, channel, ARRAY[p_topic], ARRAY[data_head || value || data_tail]);
     status := 'posted';
+END $$;
+CREATE OR REPLACE FUNCTION chat_relay_step(done BIGINT, after BIGINT, lim INTEGER)
+RETURNS TABLE (seq BIGINT, topic TEXT, data TEXT) LANGUAGE plpgsql AS $$
+BEGIN
+    IF done IS NOT NULL THEN
+        DELETE FROM chat_outbox o WHERE o.seq <= done;
+        UPDATE chat_state SET value = CAST(done AS TEXT) WHERE name = 'cursor';
+    END IF;
+    PERFORM chat_sequence();  -- number what has committed since
+    RETURN QUERY SELECT o.seq, o.topic, o.data FROM chat_outbox o
+        WHERE o.seq > after ORDER BY o.seq LIMIT lim;
 END $$;
 """
 _SQLITE_3 = ""

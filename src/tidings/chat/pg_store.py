@@ -154,6 +154,11 @@ class PostgresDatabase:
 
     ephemeral = False
     calls = True  # it has the chat's functions (`Kind` "call")
+
+    @property
+    def emit_args(self) -> tuple[int, str]:
+        """`chat_emit`'s first two arguments: the relay's idle key, its NOTIFY channel."""
+        return self._keys.idle, self._keys.channel
     # A process that does not relay rereads the relay's saved cursor this often while a
     # history read waits for its position to be published.
     standby_poll_s = 0.05
@@ -218,17 +223,14 @@ class PostgresDatabase:
         sql = steps.send(None)
         if sql is None or steps.emitted:
             raise RuntimeError("a call is one statement that emits nothing itself")
-        keys = self._keys
-        reply = Result(await conn.fetch(sql.for_pg(), keys.idle, keys.channel, *sql.args), 0)
-        if steps.send(reply) is not None:
+        if steps.send(Result(await conn.fetch(sql.for_pg(), *sql.args), 0)) is not None:
             raise RuntimeError("a call is one statement")
         return steps.value
 
     async def _emit(self, conn: Connection, emitted: list[Outgoing]) -> None:
         """The operation's updates into the outbox (unnumbered: see the module doc), last
         thing before its commit."""
-        keys = self._keys
-        await conn.execute("SELECT chat_emit($1, $2, $3, $4)", keys.idle, keys.channel,
+        await conn.execute("SELECT chat_emit($1, $2, $3, $4)", *self.emit_args,
                            [out.topic for out in emitted], [out.data for out in emitted])
 
     # -- the relay -------------------------------------------------------------------------
@@ -256,11 +258,13 @@ class PostgresDatabase:
             raise ServiceUnavailable("the chat relay's connection closed")
         return conn
 
-    async def run_leading(self, op: Op[T]) -> T:
+    async def run_leading(self, op: Op[T], kind: Kind = "write") -> T:
         """Run `op` (the relay's read or save) on the relay's own connection: when it
         broke, and another process may relay, this fails instead."""
         conn = self._leading()
         try:
+            if kind == "call":
+                return await self._call(conn, Steps(op))
             async with conn.transaction():
                 return await _drive(conn, Steps(op))
         except UNAVAILABLE as exc:

@@ -76,6 +76,11 @@ class _Outbox:
     def __init__(self, store: ChatStore) -> None:
         self.store = store
         self._found = False  # the last read found rows
+        # Where the store runs a save and the next read as one call, a save waits for
+        # that read (at once while rows come: `wait` returns when the last read found
+        # some). A crash in between republishes the page, as with any unsaved one.
+        self._defer_saves = store.database.calls
+        self._unsaved: int | None = None
 
     def update_id(self, seq: int) -> str:
         return f"chat-{self.store.epoch}-{seq}"
@@ -86,11 +91,19 @@ class _Outbox:
     @contextlib.asynccontextmanager
     async def lead(self, wake: asyncio.Event) -> AsyncIterator[int]:
         async with self.store.database.lead(wake):
-            self._found = False
-            yield await self.store.cursor()
+            self._found, self._unsaved = False, None
+            try:
+                yield await self.store.cursor()
+            finally:
+                if self._unsaved is not None:  # stopping: the next relay need not
+                    with contextlib.suppress(Exception):  # republish the last page
+                        await self.store.relay_done(self._unsaved)
 
     async def read(self, after: int, limit: int) -> list[Entry]:
-        rows = await self.store.relay_read(after, limit)
+        saving = self._unsaved
+        rows = await self.store.relay_read(after, limit, saving)
+        if self._unsaved == saving:  # (not a later save, made while this read ran)
+            self._unsaved = None
         self._found = bool(rows)
         return [
             (row.seq, Update.create([row.topic], row.data, id=self.update_id(row.seq),
@@ -99,7 +112,10 @@ class _Outbox:
         ]
 
     async def save(self, cursor: int) -> None:
-        await self.store.relay_done(cursor)
+        if self._defer_saves:
+            self._unsaved = cursor
+        else:
+            await self.store.relay_done(cursor)
 
     async def wait(self, wake: asyncio.Event) -> None:
         await self.store.database.wait(wake, self._found)

@@ -29,9 +29,8 @@ T = TypeVar("T")
 # How an operation runs: a write (SQLite's write lock taken at its start; PostgreSQL READ
 # COMMITTED), a read that needs one snapshot (SQLite DEFERRED; PostgreSQL REPEATABLE READ,
 # read only), a plain read (statements of their own), or a write that is one call of a
-# PostgreSQL function writing its updates to the outbox itself (`chat_post`): one round
-# trip, no BEGIN or COMMIT; the database passes the function the relay's idle key and
-# NOTIFY channel (`chat_emit`'s) as its first two arguments.
+# PostgreSQL function (`chat_post`, `chat_relay_step`): one statement, its own
+# transaction, one round trip with no BEGIN or COMMIT.
 Kind = Literal["write", "snapshot", "read", "call"]
 
 

@@ -73,6 +73,7 @@ class SQLiteDatabase:
 
     standby_poll_s = 10.0  # the relay is in this process and wakes its readers
     calls = False  # in-process calls cost no round trip: no functions (`Kind` "call")
+    emit_args = ()
 
     def __init__(self, db_url: str) -> None:
         self.path = path_of(db_url)
@@ -122,8 +123,8 @@ class SQLiteDatabase:
                                [(out.topic, out.data) for out in steps.emitted])
             return value
 
-    async def run_leading(self, op: Op[T]) -> T:
-        return await self.run("write", op)
+    async def run_leading(self, op: Op[T], kind: Kind = "write") -> T:
+        return await self.run(kind, op)
 
     @contextlib.asynccontextmanager
     async def lead(self, wake: asyncio.Event) -> AsyncIterator[None]:

@@ -60,6 +60,11 @@ class ChatDatabase(Protocol):
     standby_poll_s: float
     calls: bool  # it runs operations of `Kind` "call" (PostgreSQL's functions)
 
+    @property
+    def emit_args(self) -> tuple[object, ...]:
+        """What `chat_emit` takes before the updates (where `calls`)."""
+        ...
+
     async def open(self) -> None:
         """Connect, apply the migrations this database lacks (`migrations.py`), and read
         the epoch."""
@@ -78,7 +83,7 @@ class ChatDatabase(Protocol):
         was lost: the next read then fails)."""
         ...
 
-    async def run_leading(self, op: Op[T]) -> T:
+    async def run_leading(self, op: Op[T], kind: Kind = "write") -> T:
         """Run `op` (the relay's read or save) as the relay, in one transaction: fails
         once this process may have stopped being the relay."""
         ...
@@ -434,8 +439,8 @@ class ChatStore:
         shared rate limit's hit (`SharedLimit.charge`), counted in the same transaction
         (PostgreSQL): a refusal writes nothing, and a post costs one commit, not two."""
         if self.database.calls and all(name == sender for name in mentioned):
-            return await self._write(self._post_call(conv, sender, content, charge),
-                                     "call"), []
+            return await self._write(self._post_call(conv, sender, content, charge,
+                                                     self.database.emit_args), "call"), []
         return await self._write(self._post(conv, sender, content, mentioned, charge))
 
     def _post(self, conv: Conversation, sender: str, content: str, mentioned: list[str],
@@ -473,7 +478,8 @@ class ChatStore:
 
     @staticmethod
     def _post_call(conv: Conversation, sender: str, content: str,
-                   charge: tuple[str, int, float] | None) -> Op[Message]:
+                   charge: tuple[str, int, float] | None,
+                   emit_args: tuple[object, ...]) -> Op[Message]:
         """`_post` of a message that mentions nobody else, in one round trip: PostgreSQL's
         `chat_post` (migration 3) makes the same checks, hit, writes and update."""
         now = now_iso()
@@ -483,8 +489,8 @@ class ChatStore:
         dm_a, dm_b = conv.dm if conv.dm is not None else (None, None)
         status, value = (yield pg_only(
             "SELECT status, value FROM chat_post(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?)", conv.key, conv.room, other, dm_a, dm_b, sender, content, now, key,
-            limit, window, conv.topic, head, tail)).rows[0]
+            "?, ?)", *emit_args, conv.key, conv.room, other, dm_a, dm_b, sender, content,
+            now, key, limit, window, conv.topic, head, tail)).rows[0]
         if status == "no room":
             raise UnknownRoom(f"no room named {conv.room!r}")
         if status == "not a member":
@@ -810,9 +816,22 @@ class ChatStore:
                            "ORDER BY seq LIMIT ?", seq, limit)
         return [OutboxRow(_int(r[0]), str(r[1]), str(r[2])) for r in found.rows]
 
-    async def relay_read(self, seq: int, limit: int) -> list[OutboxRow]:
-        """`outbox_after`, as the relay."""
+    async def relay_read(self, seq: int, limit: int,
+                         done: int | None = None) -> list[OutboxRow]:
+        """`outbox_after`, as the relay; first `relay_done(done)` when given (on
+        PostgreSQL both in one call of `chat_relay_step`: one round trip, one commit)."""
+        if self.database.calls:
+            return await self.database.run_leading(
+                self._relay_step(done, seq, limit), "call")
+        if done is not None:
+            await self.relay_done(done)
         return await self.database.run_leading(self._outbox_after(seq, limit))
+
+    @staticmethod
+    def _relay_step(done: int | None, seq: int, limit: int) -> Op[list[OutboxRow]]:
+        found = yield pg_only("SELECT seq, topic, data FROM chat_relay_step(?, ?, ?)",
+                              done, seq, limit)
+        return [OutboxRow(_int(r[0]), str(r[1]), str(r[2])) for r in found.rows]
 
     async def relay_done(self, seq: int) -> None:
         """Everything through `seq` is in the hub's history: drop it and save the cursor
