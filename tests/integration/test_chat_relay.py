@@ -8,6 +8,7 @@ Both are set up here by stopping the relay at the right moment.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,10 +28,12 @@ GENERAL = Conversation.of_room("general")
 
 
 @asynccontextmanager
-async def running(url: str, *, relay: bool = True) -> AsyncIterator[ChatService]:
+async def running(url: str, *, relay: bool = True,
+                  rate_messages: int = 10) -> AsyncIterator[ChatService]:
     hub = Hub(open_transport(url))
     await hub.start()
-    service = ChatService(hub, ChatConfig(db_url=url), KeyConfig(KEY))
+    service = ChatService(hub, ChatConfig(db_url=url, rate_messages=rate_messages),
+                          KeyConfig(KEY))
     await service.start()
     if not relay:
         await service.relay.stop()
@@ -122,3 +125,32 @@ async def test_a_rolled_back_write_publishes_nothing(chat_db: str) -> None:
         await service.post("alice", GENERAL, "ok")
         updates = await wait_published(service, 1)
         assert created(updates) == ["ok"]
+
+
+async def test_posts_made_at_once_are_each_stored_and_published_once(chat_db: str) -> None:
+    # On PostgreSQL posts that arrive while others run go to the database together
+    # (chat/batching.py): the rate limit still counts each, and each answer is its own.
+    async with running(chat_db, rate_messages=5) as service:
+        users = [f"user{n}" for n in range(4)]
+        for user in users:
+            await service.signup(user, "password-1")
+        await service.signup("dora", "password-1")
+        await service.leave("dora", "general")
+
+        async def post(user: str, n: int) -> str:
+            message = await service.post(user, GENERAL, f"{user} {n}")
+            assert message.sender == user and message.content == f"{user} {n}"
+            return message.content
+
+        results = await asyncio.gather(*(post(user, n) for n in range(8) for user in users),
+                                       post("dora", 0), return_exceptions=True)
+        accepted = [r for r in results if isinstance(r, str)]
+        refused = [type(r).__name__ for r in results if not isinstance(r, str)]
+        for user in users:
+            assert len([c for c in accepted if c.startswith(f"{user} ")]) == 5
+        assert sorted(refused) == ["NotAllowed"] + ["RateLimited"] * 12
+        updates = await wait_published(service, len(accepted))
+        assert sorted(created(updates)) == sorted(accepted)
+        ids = [json.loads(u.data)["message"]["id"] for u in updates
+               if json.loads(u.data)["type"] == "message.created"]
+        assert len(set(ids)) == len(ids) == 20

@@ -200,6 +200,8 @@ _SQLITE_2 = ""
 # Migration 3: the relay's step and a message posted, one round trip each.
 # `chat_relay_step(done, after, lim)`: what `ChatStore.relay_done(done)` and then
 # `outbox_after(after, lim)` run as two transactions, in one call (one commit, not two).
+# `chat_post_many`: room messages posted together, each as `chat_post` posts it, one
+# answer each in order (`ChatStore._post_in_rooms`).
 # `chat_post`: a message posted in one round trip (`ChatStore.post` on PostgreSQL, for a
 # message that mentions nobody): the checks, the rate limit's hit, the message, the
 # author's read mark and its `message.created` update, as `ChatStore._post` runs them
@@ -244,6 +246,20 @@ BEGIN
         WHERE excluded.last_read > chat_reads.last_read;
     PERFORM chat_emit(idle_key, channel, ARRAY[p_topic], ARRAY[data_head || value || data_tail]);
     status := 'posted';
+END $$;
+CREATE OR REPLACE FUNCTION chat_post_many(
+    idle_key BIGINT, channel TEXT, convs TEXT[], rooms TEXT[], senders TEXT[],
+    contents TEXT[], created TEXT[], hit_keys TEXT[], hit_limits INTEGER[],
+    hit_windows DOUBLE PRECISION[], topics TEXT[], heads TEXT[], tails TEXT[])
+RETURNS TABLE (status TEXT, value BIGINT) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(convs, 1), 0) LOOP
+        SELECT p.status, p.value INTO status, value
+          FROM chat_post(idle_key, channel, convs[i], rooms[i], NULL, NULL, NULL,
+                         senders[i], contents[i], created[i], hit_keys[i], hit_limits[i],
+                         hit_windows[i], topics[i], heads[i], tails[i]) p;
+        RETURN NEXT;
+    END LOOP;
 END $$;
 CREATE OR REPLACE FUNCTION chat_relay_step(done BIGINT, after BIGINT, lim INTEGER)
 RETURNS TABLE (seq BIGINT, topic TEXT, data TEXT) LANGUAGE plpgsql AS $$

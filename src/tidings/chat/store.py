@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
 from tidings.chat import events
+from tidings.chat.batching import Batcher
 from tidings.chat.errors import (
     NotAllowed,
     RateLimited,
@@ -37,6 +38,7 @@ from tidings.chat.errors import (
 )
 from tidings.chat.model import ASSISTANT, Conversation, Message, Reply, now_iso
 from tidings.chat.sql import Kind, Op, count, pg_only, rows
+from tidings.errors import ServiceUnavailable, TidingsError
 
 __all__ = ["DEFAULT_ROOM", "ChatDatabase", "ChatStore", "OutboxRow", "TaskRow", "UserRow",
            "open_database"]
@@ -165,12 +167,53 @@ def _exists(sql: str, *args: object) -> Op[bool]:
     return bool((yield rows(sql, *args)).rows)
 
 
+@dataclass(frozen=True, slots=True)
+class _Post:
+    """A message to post in one call (`chat_post`): what the call takes, and what its
+    answer means."""
+
+    conv: Conversation
+    sender: str
+    content: str
+    created_at: str
+    charge: tuple[str, int, float] | None  # the shared rate limit's hit
+    head: str  # the update's JSON before the message's id
+    tail: str  # and after it
+
+    @classmethod
+    def of(cls, conv: Conversation, sender: str, content: str,
+           charge: tuple[str, int, float] | None) -> _Post:
+        now = now_iso()
+        head, tail = events.message_created_around_id(conv, sender, content, now)
+        return cls(conv, sender, content, now, charge, head, tail)
+
+    @property
+    def hit(self) -> tuple[str, int, float] | tuple[None, None, None]:
+        return self.charge or (None, None, None)
+
+    def outcome(self, status: str, value: int) -> Message:
+        """The message `chat_post` answered for, or the error it means."""
+        conv = self.conv
+        if status == "no room":
+            raise UnknownRoom(f"no room named {conv.room!r}")
+        if status == "not a member":
+            raise NotAllowed(f"join the room {conv.room!r} to write in it")
+        if status == "no user":
+            raise UnknownUser(f"no user named {conv.other(self.sender)!r}")
+        if status == "rate limited" and self.charge is not None:
+            raise RateLimited.messages(self.charge[1], self.charge[2], value)
+        if status != "posted":
+            raise RuntimeError(f"chat_post answered {status!r}")
+        return Message(value, conv, self.sender, self.content, self.created_at)
+
+
 class ChatStore:
     """Every operation of the chat on its tables (see the module doc)."""
 
     def __init__(self, db_url: str, on_write: Callable[[], None] | None = None) -> None:
         self.database = open_database(db_url)
         self._on_write = on_write
+        self._room_posts = Batcher(self._post_in_rooms)
 
     @property
     def epoch(self) -> str:
@@ -439,8 +482,11 @@ class ChatStore:
         shared rate limit's hit (`SharedLimit.charge`), counted in the same transaction
         (PostgreSQL): a refusal writes nothing, and a post costs one commit, not two."""
         if self.database.calls and all(name == sender for name in mentioned):
-            return await self._write(self._post_call(conv, sender, content, charge,
-                                                     self.database.emit_args), "call"), []
+            post = _Post.of(conv, sender, content, charge)
+            if conv.room is not None:
+                return await self._room_posts.submit(post), []
+            return await self._write(self._post_call(post, self.database.emit_args),
+                                     "call"), []
         return await self._write(self._post(conv, sender, content, mentioned, charge))
 
     def _post(self, conv: Conversation, sender: str, content: str, mentioned: list[str],
@@ -477,31 +523,59 @@ class ChatStore:
         return message, notified
 
     @staticmethod
-    def _post_call(conv: Conversation, sender: str, content: str,
-                   charge: tuple[str, int, float] | None,
-                   emit_args: tuple[object, ...]) -> Op[Message]:
+    def _post_call(post: _Post, emit_args: tuple[object, ...]) -> Op[Message]:
         """`_post` of a message that mentions nobody else, in one round trip: PostgreSQL's
         `chat_post` (migration 3) makes the same checks, hit, writes and update."""
-        now = now_iso()
-        other = conv.other(sender)
-        head, tail = events.message_created_around_id(conv, sender, content, now)
-        key, limit, window = charge if charge is not None else (None, None, None)
+        conv = post.conv
         dm_a, dm_b = conv.dm if conv.dm is not None else (None, None)
         status, value = (yield pg_only(
             "SELECT status, value FROM chat_post(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?)", *emit_args, conv.key, conv.room, other, dm_a, dm_b, sender, content,
-            now, key, limit, window, conv.topic, head, tail)).rows[0]
-        if status == "no room":
-            raise UnknownRoom(f"no room named {conv.room!r}")
-        if status == "not a member":
-            raise NotAllowed(f"join the room {conv.room!r} to write in it")
-        if status == "no user":
-            raise UnknownUser(f"no user named {other!r}")
-        if status == "rate limited" and charge is not None:
-            raise RateLimited.messages(charge[1], charge[2], _int(value))
-        if status != "posted":
-            raise RuntimeError(f"chat_post answered {status!r}")
-        return Message(_int(value), conv, sender, content, now)
+            "?, ?)", *emit_args, conv.key, conv.room, conv.other(post.sender), dm_a, dm_b,
+            post.sender, post.content, post.created_at, *post.hit, conv.topic, post.head,
+            post.tail)).rows[0]
+        return post.outcome(str(status), _int(value))
+
+    async def _post_in_rooms(self, posts: list[_Post]) -> list[Message | Exception]:
+        """A batch of room messages (`Batcher`) in one call of `chat_post_many`, which
+        posts each as `chat_post` does. They go sorted by author and room, so that two
+        batches take the rate limit's and the read marks' locks in the same order (no
+        deadlock); should the batch fail all the same, each goes alone."""
+        order = sorted(range(len(posts)), key=lambda i: (posts[i].sender, posts[i].conv.key))
+        try:
+            answers = await self._write(self._post_many([posts[i] for i in order],
+                                                        self.database.emit_args), "call")
+        except ServiceUnavailable:
+            raise
+        except Exception:
+            if len(posts) == 1:
+                raise
+            return [await self._post_alone(post) for post in posts]
+        outcomes: list[Message | Exception] = [Exception()] * len(posts)
+        for i, (status, value) in zip(order, answers, strict=True):
+            try:
+                outcomes[i] = posts[i].outcome(status, value)
+            except TidingsError as exc:
+                outcomes[i] = exc
+        return outcomes
+
+    async def _post_alone(self, post: _Post) -> Message | Exception:
+        try:
+            return await self._write(self._post_call(post, self.database.emit_args), "call")
+        except TidingsError as exc:
+            return exc
+
+    @staticmethod
+    def _post_many(posts: list[_Post], emit_args: tuple[object, ...]
+                   ) -> Op[list[tuple[str, int]]]:
+        found = yield pg_only(
+            "SELECT status, value FROM chat_post_many(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            *emit_args, [p.conv.key for p in posts], [p.conv.room for p in posts],
+            [p.sender for p in posts], [p.content for p in posts],
+            [p.created_at for p in posts], [p.hit[0] for p in posts],
+            [p.hit[1] for p in posts], [p.hit[2] for p in posts],
+            [p.conv.topic for p in posts], [p.head for p in posts],
+            [p.tail for p in posts])
+        return [(str(r[0]), _int(r[1])) for r in found.rows]
 
     def _own_message(self, message_id: int, username: str,
                      expected: Conversation | None) -> Op[Message]:
