@@ -14,6 +14,7 @@ exports are then shared through the database; on SQLite they stay in this proces
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -104,6 +105,7 @@ class ChatService:
         self.config = config
         self.tokens = SessionTokens(session_key, config.session_ttl_s)
         self._checked = CheckedSessions()
+        self._checking: dict[tuple[str, str], asyncio.Future[bool]] = {}
         self.passwords = Passwords()
         self.store = ChatStore(config.db_url, on_write=self._wake_relay)
         self.relay = Relay(self.store, hub)
@@ -195,12 +197,26 @@ class ChatService:
     async def session(self, token: str | None) -> Session:
         """The live session a token carries (NoSession: 401)."""
         session = self.tokens.read(token)
-        if self._checked.fresh(session.sid, session.username):
+        key = (session.sid, session.username)
+        if self._checked.fresh(*key):
             return session
-        if not await self.store.session_valid(session.sid, session.username, time.time()):
+        # One check at a time per session: under load a check waits for the pool, and
+        # every request of that user meanwhile would make one more.
+        check = self._checking.get(key)
+        if check is None:
+            check = asyncio.ensure_future(
+                self.store.session_valid(session.sid, session.username, time.time()))
+            self._checking[key] = check
+            check.add_done_callback(lambda done: self._checked_one(key, done))
+        if not await asyncio.shield(check):
             raise NoSession("the session has ended: sign in again")
-        self._checked.confirmed(session.sid, session.username)
+        self._checked.confirmed(*key)
         return session
+
+    def _checked_one(self, key: tuple[str, str], check: asyncio.Future[bool]) -> None:
+        self._checking.pop(key, None)
+        if not check.cancelled():
+            check.exception()  # retrieved: each waiter, if any is left, raises it
 
     async def logout(self, token: str | None) -> None:
         try:
