@@ -105,6 +105,22 @@ async def test_private_needs_a_matching_claim() -> None:
     await hub.stop()
 
 
+async def test_a_private_update_asks_each_claims_once_and_answers_each_subscriber() -> None:
+    # Fan-out asks shared claims once per update (a user's windows share their token's).
+    hub = await make_hub()
+    mine = decode_token(encode_token(KEY.key, subscribe=["/p/{id}"]), KEY)
+    other = decode_token(encode_token(KEY.key, subscribe=["/q/{id}"]), KEY)
+    async with (hub.connect(sel("/p/1"), mine) as one, hub.connect(sel("/p/1"), mine) as two,
+                hub.connect(sel("/p/1"), other) as three):
+        sinks = [await live(one), await live(two), await live(three)]
+        await hub.publish(Update.create(["/p/1"], "secret", private=True))
+        await hub.publish(Update.create(["/p/1"], "public"))
+        assert await collect(sinks[0], 2) == ["secret", "public"]
+        assert await collect(sinks[1], 2) == ["secret", "public"]
+        assert await collect(sinks[2], 1) == ["public"]
+    await hub.stop()
+
+
 async def test_seam_no_gap_no_duplicate() -> None:
     """Updates published while a subscriber replays arrive once, after the replayed ones."""
     hub = await make_hub()

@@ -461,6 +461,8 @@ class Matcher:
 
     def matches_any(self, topics: Iterable[str]) -> bool:
         """Whether any selector matches any of ``topics`` (False for no topics)."""
+        if isinstance(topics, tuple | list) and len(topics) == 1:  # most updates
+            return self.matches(topics[0])
         return any(self.matches(topic) for topic in topics)
 
     def __repr__(self) -> str:
