@@ -100,7 +100,19 @@ class ChatAPI:
 
     def routes(self) -> list[BaseRoute]:
         r = Route
-        routes: list[BaseRoute] = [
+        # A room and a direct conversation take the same calls (`_conversation` tells
+        # which one the path names). First: Starlette tries routes in order, and these
+        # are the busiest (no other pattern matches their paths).
+        routes: list[BaseRoute] = []
+        for conversation in ("/api/rooms/{room}", "/api/dm/{user}"):
+            routes += [
+                r(conversation + "/messages", self.messages, methods=["GET", "POST"]),
+                r(conversation + "/messages/{id}", self.message, methods=["PATCH", "DELETE"]),
+                r(conversation + "/typing", self.typing, methods=["POST"]),
+                r(conversation + "/read", self.read, methods=["POST"]),
+            ]
+        return [
+            *routes,
             r("/", self.page, methods=["GET"]),
             r("/api/auth/signup", self.signup, methods=["POST"]),
             r("/api/auth/login", self.login, methods=["POST"]),
@@ -124,16 +136,6 @@ class ChatAPI:
             r("/api/tasks/{task}", self.task, methods=["GET"]),
             r("/api/tasks/{task}/download", self.download, methods=["GET"]),
         ]
-        # A room and a direct conversation take the same calls (`_conversation` tells
-        # which one the path names).
-        for conversation in ("/api/rooms/{room}", "/api/dm/{user}"):
-            routes += [
-                r(conversation + "/messages", self.messages, methods=["GET", "POST"]),
-                r(conversation + "/messages/{id}", self.message, methods=["PATCH", "DELETE"]),
-                r(conversation + "/typing", self.typing, methods=["POST"]),
-                r(conversation + "/read", self.read, methods=["POST"]),
-            ]
-        return routes
 
     # -- helpers -------------------------------------------------------------------------
 
