@@ -16,9 +16,11 @@ dropped at the end); with `--url` (repeatable) it uses servers already running, 
    chat page's. `--timed` windows per room and server parse every event (the latency
    and the order and completeness checks); the others count messages without parsing
    (a Python loader cannot parse hundreds of thousands of events a second on 2 cores);
-3. messages are POSTed open loop at `--rate` for `--seconds` (each to room i % rooms on
-   server i % servers, over keep-alive connections), each carrying the wall-clock time it
-   was sent; a timed window's latency is its arrival time minus that.
+3. `--warmup` seconds of messages at the rate, not counted (connections opened,
+   statements prepared); then messages are POSTed open loop at `--rate` for `--seconds`
+   (each to room i % rooms on server i % servers, over keep-alive connections), each
+   carrying the wall-clock time it was sent; a timed window's latency is its arrival
+   time minus that.
 
 Prints: accepted messages/s (201s over the sending span), refusals by status, POST round
 trip, POST-to-window latency percentiles, what the windows received against what they
@@ -318,6 +320,8 @@ async def run(args: argparse.Namespace, servers: list[Server], pids: list[int]) 
           f"({sum(w.timed for w in windows)} timed)")
 
     posters = [[Poster(s) for _ in range(args.connections)] for s in servers]
+    if args.warmup > 0:
+        await warm_up(args, servers, posters, rooms, tokens, windows)
     statuses: Counter[int] = Counter()
     rtts: list[float] = []
     total = int(args.rate * args.seconds)
@@ -381,6 +385,34 @@ async def run(args: argparse.Namespace, servers: list[Server], pids: list[int]) 
           f"load average {os.getloadavg()[0]:.1f}")
 
 
+async def warm_up(args: argparse.Namespace, servers: list[Server],
+                  posters: list[list[Poster]], rooms: list[str], tokens: list[str],
+                  windows: list[Window]) -> None:
+    """`--warmup` seconds of posts at the rate, not measured: the posters' connections
+    open, and each server's pool connections prepare their statements (PostgreSQL
+    compiles a PL/pgSQL function once per session), as on a server that has been up a
+    while. Returns once every window has them all, its counts then set back to zero."""
+    total = int(args.rate * args.warmup)
+    began = time.monotonic()
+    sends = []
+    for i in range(total):
+        delay = began + i / args.rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        poster = posters[i % len(servers)][(i // len(servers)) % args.connections]
+        sends.append(asyncio.create_task(
+            poster.post(rooms[i % args.rooms], tokens[i % args.users], f"warm-up {i}")))
+    accepted = sum(status == 201 for status in await asyncio.gather(*sends))
+    share = Counter(i % args.rooms for i in range(total))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and accepted == total and any(
+            w.count < share[rooms.index(w.room)] for w in windows):
+        await asyncio.sleep(0.1)
+    for window in windows:
+        window.count = 0
+    print(f"warm-up: {accepted} of {total} messages in {args.warmup:g} s, not counted")
+
+
 def expected_in(window: Window, rooms: list[str], expected: Counter[int],
                 statuses: Counter[int]) -> int:
     """Messages a window should see: its room's share of those accepted (every message of
@@ -407,6 +439,8 @@ def main() -> None:
                         help="windows per room and server that parse every event")
     parser.add_argument("--rate", type=float, default=2000)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=1,
+                        help="seconds of posts at the rate before measuring (not counted)")
     parser.add_argument("--connections", type=int, default=16,
                         help="keep-alive POST connections per server")
     args = parser.parse_args()
