@@ -154,11 +154,6 @@ class PostgresDatabase:
 
     ephemeral = False
     calls = True  # it has the chat's functions (`Kind` "call")
-
-    @property
-    def emit_args(self) -> tuple[int, str]:
-        """`chat_emit`'s first two arguments: the relay's idle key, its NOTIFY channel."""
-        return self._keys.idle, self._keys.channel
     # A process that does not relay rereads the relay's saved cursor this often while a
     # history read waits for its position to be published.
     standby_poll_s = 0.05
@@ -172,6 +167,11 @@ class PostgresDatabase:
         self._lead: Connection | None = None
         self._holding = False  # the idle key: writers NOTIFY
         self._last_found = 0.0
+
+    @property
+    def emit_args(self) -> tuple[int, str]:
+        """`chat_emit`'s first two arguments: the relay's idle key, its NOTIFY channel."""
+        return self._keys.idle, self._keys.channel
 
     # -- lifecycle -------------------------------------------------------------------------
 
