@@ -115,15 +115,29 @@ async def test_signup_login_logout_and_the_cookies(server: HubProcess) -> None:
 
 
 async def test_a_logged_out_token_is_revoked_for_the_api(server: HubProcess) -> None:
-    async with users(server.url, "alice") as (alice,):
+    async with users(server.url, "alice", "bob") as (alice, bob):
         session = alice.cookies["tidings_session"]
+        assert (await alice.post("/api/rooms/general/messages",
+                                 json={"content": "before"})).status_code == 201
         assert (await alice.post("/api/auth/logout")).status_code == 204
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as other:
-            reply = await other.get("/api/me", headers={"Authorization": f"Bearer {session}"})
+            auth = {"Authorization": f"Bearer {session}"}
+            reply = await other.get("/api/me", headers=auth)
             assert reply.status_code == 401
+            # Nor may it post: on PostgreSQL the post's own call checks the session (a
+            # plain message, one with a mention, a direct one: each path of a post).
+            for path, content in (("/api/rooms/general/messages", "after"),
+                                  ("/api/rooms/general/messages", "after, @bob"),
+                                  ("/api/dm/bob/messages", "after, to bob")):
+                reply = await other.post(path, json={"content": content}, headers=auth)
+                assert reply.status_code == 401, (path, content, reply.text)
             # A publisher token is no session either.
             reply = await other.get("/api/me", headers={"Authorization": f"Bearer {PUBLISHER}"})
             assert reply.status_code == 401
+        history = (await bob.get("/api/rooms/general/messages")).json()["messages"]
+        assert [m["content"] for m in history if m["sender"] == "alice"] == ["before"]
+        dm = (await bob.get("/api/dm/alice/messages")).json()["messages"]
+        assert dm == []
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -197,7 +197,8 @@ END $$;
 """
 _SQLITE_2 = ""
 
-# Migration 3: the relay's step and a message posted, one round trip each.
+# Migration 3: the relay's step and a message posted, one round trip each (a post
+# checks its author's session too, when the caller has not lately: `p_sid`).
 # `chat_relay_step(done, after, lim)`: what `ChatStore.relay_done(done)` and then
 # `outbox_after(after, lim)` run as two transactions, in one call (one commit, not two).
 # `chat_post_many`: room messages posted together, each as `chat_post` posts it, one
@@ -209,12 +210,18 @@ _SQLITE_2 = ""
 # made in Python (`events.message_created_around_id`), all but the id the insert takes.
 # A refused post writes nothing. SQLite runs in-process: nothing.
 _POSTGRES_3 = """CREATE OR REPLACE FUNCTION chat_post(
-    idle_key BIGINT, channel TEXT, p_conv TEXT, p_room TEXT, p_other TEXT, p_dm_a TEXT,
-    p_dm_b TEXT, p_sender TEXT, p_content TEXT, p_created_at TEXT, hit_key TEXT,
-    hit_limit INTEGER, hit_window DOUBLE PRECISION, p_topic TEXT, data_head TEXT,
-    data_tail TEXT, OUT status TEXT, OUT value BIGINT)
+    idle_key BIGINT, channel TEXT, p_sid TEXT, p_now DOUBLE PRECISION, p_conv TEXT,
+    p_room TEXT, p_other TEXT, p_dm_a TEXT, p_dm_b TEXT, p_sender TEXT, p_content TEXT,
+    p_created_at TEXT, hit_key TEXT, hit_limit INTEGER, hit_window DOUBLE PRECISION,
+    p_topic TEXT, data_head TEXT, data_tail TEXT, OUT status TEXT, OUT value BIGINT)
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF p_sid IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM chat_sessions
+            WHERE sid = p_sid AND username = p_sender AND expires_at > p_now) THEN
+        status := 'no session';
+        RETURN;
+    END IF;
     IF p_room IS NOT NULL THEN
         IF NOT EXISTS (SELECT 1 FROM chat_rooms WHERE name = p_room) THEN
             status := 'no room';
@@ -248,16 +255,17 @@ BEGIN
     status := 'posted';
 END $$;
 CREATE OR REPLACE FUNCTION chat_post_many(
-    idle_key BIGINT, channel TEXT, convs TEXT[], rooms TEXT[], senders TEXT[],
-    contents TEXT[], created TEXT[], hit_keys TEXT[], hit_limits INTEGER[],
-    hit_windows DOUBLE PRECISION[], topics TEXT[], heads TEXT[], tails TEXT[])
+    idle_key BIGINT, channel TEXT, sids TEXT[], nows DOUBLE PRECISION[], convs TEXT[],
+    rooms TEXT[], senders TEXT[], contents TEXT[], created TEXT[], hit_keys TEXT[],
+    hit_limits INTEGER[], hit_windows DOUBLE PRECISION[], topics TEXT[], heads TEXT[],
+    tails TEXT[])
 RETURNS TABLE (status TEXT, value BIGINT) LANGUAGE plpgsql AS $$
 BEGIN
     FOR i IN 1 .. coalesce(array_length(convs, 1), 0) LOOP
         SELECT p.status, p.value INTO status, value
-          FROM chat_post(idle_key, channel, convs[i], rooms[i], NULL, NULL, NULL,
-                         senders[i], contents[i], created[i], hit_keys[i], hit_limits[i],
-                         hit_windows[i], topics[i], heads[i], tails[i]) p;
+          FROM chat_post(idle_key, channel, sids[i], nows[i], convs[i], rooms[i], NULL,
+                         NULL, NULL, senders[i], contents[i], created[i], hit_keys[i],
+                         hit_limits[i], hit_windows[i], topics[i], heads[i], tails[i]) p;
         RETURN NEXT;
     END LOOP;
 END $$;

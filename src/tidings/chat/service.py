@@ -200,6 +200,21 @@ class ChatService:
         key = (session.sid, session.username)
         if self._checked.fresh(*key):
             return session
+        return await self._confirm(session)
+
+    async def posting_session(self, token: str | None) -> tuple[Session, bool]:
+        """`session`, for a request that posts a message: where the post's own database
+        call can check the session (PostgreSQL), the check is left to it, saving a round
+        trip (second value True: pass the session to `post`)."""
+        session = self.tokens.read(token)
+        if self._checked.fresh(session.sid, session.username):
+            return session, False
+        if self.store.database.calls:
+            return session, True
+        return await self._confirm(session), False
+
+    async def _confirm(self, session: Session) -> Session:
+        key = (session.sid, session.username)
         # One check at a time per session: under load a check waits for the pool, and
         # every request of that user meanwhile would make one more.
         check = self._checking.get(key)
@@ -328,7 +343,10 @@ class ChatService:
 
     # -- messages -------------------------------------------------------------------------------
 
-    async def post(self, me: str, conversation: Conversation, content: object) -> Message:
+    async def post(self, me: str, conversation: Conversation, content: object,
+                   unchecked: Session | None = None) -> Message:
+        """Post as `me`; `unchecked`: `me`'s session, checked in the post's transaction
+        (`posting_session`)."""
         text = check_content(content)
         named = mentions(text)
         ask = conversation.room is not None and ASSISTANT in named
@@ -337,7 +355,11 @@ class ChatService:
         charge = self.limiter.charge(me)  # shared: counted in the message's transaction
         if charge is None:
             await self._charge(me)
-        message, notified = await self.store.post(conversation, me, text, named, charge)
+        check = None if unchecked is None else (unchecked.sid, time.time())
+        message, notified = await self.store.post(conversation, me, text, named, charge,
+                                                  check)
+        if unchecked is not None:
+            self._checked.confirmed(unchecked.sid, unchecked.username)
         if notified:
             log.debug("chat: message %s mentions %s", message.id, notified)
         if ask:

@@ -28,6 +28,7 @@ from typing import Literal, Protocol, TypeVar
 from tidings.chat import events
 from tidings.chat.batching import Batcher
 from tidings.chat.errors import (
+    NoSession,
     NotAllowed,
     RateLimited,
     Taken,
@@ -50,6 +51,8 @@ T = TypeVar("T")
 DEFAULT_ROOM = "general"
 
 _MESSAGE_COLUMNS = "id, conv, sender, content, created_at, edited_at"
+
+_SESSION_ENDED = "the session has ended: sign in again"
 
 
 class ChatDatabase(Protocol):
@@ -177,15 +180,21 @@ class _Post:
     content: str
     created_at: str
     charge: tuple[str, int, float] | None  # the shared rate limit's hit
+    session: tuple[str, float] | None  # (sid, now): check the author's session first
     head: str  # the update's JSON before the message's id
     tail: str  # and after it
 
     @classmethod
     def of(cls, conv: Conversation, sender: str, content: str,
-           charge: tuple[str, int, float] | None) -> _Post:
+           charge: tuple[str, int, float] | None, session: tuple[str, float] | None,
+           ) -> _Post:
         now = now_iso()
         head, tail = events.message_created_around_id(conv, sender, content, now)
-        return cls(conv, sender, content, now, charge, head, tail)
+        return cls(conv, sender, content, now, charge, session, head, tail)
+
+    @property
+    def sid_and_now(self) -> tuple[str, float] | tuple[None, None]:
+        return self.session or (None, None)
 
     @property
     def hit(self) -> tuple[str, int, float] | tuple[None, None, None]:
@@ -194,6 +203,8 @@ class _Post:
     def outcome(self, status: str, value: int) -> Message:
         """The message `chat_post` answered for, or the error it means."""
         conv = self.conv
+        if status == "no session":
+            raise NoSession(_SESSION_ENDED)
         if status == "no room":
             raise UnknownRoom(f"no room named {conv.room!r}")
         if status == "not a member":
@@ -477,21 +488,29 @@ class ChatStore:
 
     async def post(self, conv: Conversation, sender: str, content: str,
                    mentioned: list[str], charge: tuple[str, int, float] | None = None,
+                   session: tuple[str, float] | None = None,
                    ) -> tuple[Message, list[str]]:
         """Store a message; returns it and who was notified of a mention. `charge`: a
         shared rate limit's hit (`SharedLimit.charge`), counted in the same transaction
-        (PostgreSQL): a refusal writes nothing, and a post costs one commit, not two."""
+        (PostgreSQL): a refusal writes nothing, and a post costs one commit, not two.
+        `session`: (sid, now), a session of `sender` to check first, in the same
+        transaction (NoSession when it has ended)."""
         if self.database.calls and all(name == sender for name in mentioned):
-            post = _Post.of(conv, sender, content, charge)
+            post = _Post.of(conv, sender, content, charge, session)
             if conv.room is not None:
                 return await self._room_posts.submit(post), []
             return await self._write(self._post_call(post, self.database.emit_args),
                                      "call"), []
-        return await self._write(self._post(conv, sender, content, mentioned, charge))
+        return await self._write(self._post(conv, sender, content, mentioned, charge,
+                                            session))
 
     def _post(self, conv: Conversation, sender: str, content: str, mentioned: list[str],
-              charge: tuple[str, int, float] | None) -> Op[tuple[Message, list[str]]]:
+              charge: tuple[str, int, float] | None, session: tuple[str, float] | None,
+              ) -> Op[tuple[Message, list[str]]]:
         now = now_iso()
+        if session is not None and not (yield from self._session_valid(
+                session[0], sender, session[1])):
+            raise NoSession(_SESSION_ENDED)
         yield from self._check_writable(conv, sender)
         if charge is not None:
             wait_s = (yield pg_only("SELECT chat_cluster_hit(?, ?, ?)", *charge)).value()
@@ -530,9 +549,9 @@ class ChatStore:
         dm_a, dm_b = conv.dm if conv.dm is not None else (None, None)
         status, value = (yield pg_only(
             "SELECT status, value FROM chat_post(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?)", *emit_args, conv.key, conv.room, conv.other(post.sender), dm_a, dm_b,
-            post.sender, post.content, post.created_at, *post.hit, conv.topic, post.head,
-            post.tail)).rows[0]
+            "?, ?, ?, ?)", *emit_args, *post.sid_and_now, conv.key, conv.room,
+            conv.other(post.sender), dm_a, dm_b, post.sender, post.content,
+            post.created_at, *post.hit, conv.topic, post.head, post.tail)).rows[0]
         return post.outcome(str(status), _int(value))
 
     async def _post_in_rooms(self, posts: list[_Post]) -> list[Message | Exception]:
@@ -568,8 +587,10 @@ class ChatStore:
     def _post_many(posts: list[_Post], emit_args: tuple[object, ...]
                    ) -> Op[list[tuple[str, int]]]:
         found = yield pg_only(
-            "SELECT status, value FROM chat_post_many(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            *emit_args, [p.conv.key for p in posts], [p.conv.room for p in posts],
+            "SELECT status, value FROM chat_post_many(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?)", *emit_args, [p.sid_and_now[0] for p in posts],
+            [p.sid_and_now[1] for p in posts], [p.conv.key for p in posts],
+            [p.conv.room for p in posts],
             [p.sender for p in posts], [p.content for p in posts],
             [p.created_at for p in posts], [p.hit[0] for p in posts],
             [p.hit[1] for p in posts], [p.hit[2] for p in posts],

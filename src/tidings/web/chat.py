@@ -292,13 +292,17 @@ class ChatAPI:
 
     @_handles_errors
     async def messages(self, request: Request) -> Response:
-        session = await self._session(request)
-        conversation = await self._conversation(request, session.username)
         if request.method == "POST":
+            session, unchecked = await self.service.posting_session(
+                _session_token(RequestParts(request.scope)))
+            conversation = await self._conversation(request, session.username)
             body = await self._body(request)
             message = await self.service.post(session.username, conversation,
-                                              body.get("content"))
+                                              body.get("content"),
+                                              session if unchecked else None)
             return JSONResponse(message.to_json(), status_code=201)
+        session = await self._session(request)
+        conversation = await self._conversation(request, session.username)
         query = request.query_params
         return JSONResponse(await self.service.history(
             conversation, query.get("before"), query.get("limit")))
