@@ -46,6 +46,10 @@ class InvalidJSON(BadRequest):
 class NoSession(TokenMissing):
     """No session cookie, or one that is expired, revoked or not a chat session."""
 
+    @classmethod
+    def ended(cls) -> NoSession:
+        return cls("the session has ended: sign in again")
+
 
 class BadCredentials(Unauthorized):
     """Login refused. The message never says whether the username or the password was

@@ -224,7 +224,7 @@ class ChatService:
             self._checking[key] = check
             check.add_done_callback(lambda done: self._checked_one(key, done))
         if not await asyncio.shield(check):
-            raise NoSession("the session has ended: sign in again")
+            raise NoSession.ended()
         self._checked.confirmed(*key)
         return session
 

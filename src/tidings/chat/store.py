@@ -52,7 +52,15 @@ DEFAULT_ROOM = "general"
 
 _MESSAGE_COLUMNS = "id, conv, sender, content, created_at, edited_at"
 
-_SESSION_ENDED = "the session has ended: sign in again"
+
+def _refused(status: str, conv: Conversation, sender: str) -> TidingsError:
+    """Why a post may not be written, by `chat_post`'s name for it (`_check_writable`
+    makes the same checks statement by statement)."""
+    if status == "no room":
+        return UnknownRoom(f"no room named {conv.room!r}")
+    if status == "not a member":
+        return NotAllowed(f"join the room {conv.room!r} to write in it")
+    return UnknownUser(f"no user named {conv.other(sender)!r}")
 
 
 class ChatDatabase(Protocol):
@@ -204,13 +212,9 @@ class _Post:
         """The message `chat_post` answered for, or the error it means."""
         conv = self.conv
         if status == "no session":
-            raise NoSession(_SESSION_ENDED)
-        if status == "no room":
-            raise UnknownRoom(f"no room named {conv.room!r}")
-        if status == "not a member":
-            raise NotAllowed(f"join the room {conv.room!r} to write in it")
-        if status == "no user":
-            raise UnknownUser(f"no user named {conv.other(self.sender)!r}")
+            raise NoSession.ended()
+        if status in ("no room", "not a member", "no user"):
+            raise _refused(status, conv, self.sender)
         if status == "rate limited" and self.charge is not None:
             raise RateLimited.messages(self.charge[1], self.charge[2], value)
         if status != "posted":
@@ -477,14 +481,14 @@ class ChatStore:
                 "FROM chat_members WHERE room = ? AND username = ?)",
                 conv.room, conv.room, sender)).rows[0]
             if not room:
-                raise UnknownRoom(f"no room named {conv.room!r}")
+                raise _refused("no room", conv, sender)
             if not member:
-                raise NotAllowed(f"join the room {conv.room!r} to write in it")
+                raise _refused("not a member", conv, sender)
         else:
             other = conv.other(sender)
             if other is None or not (yield from _exists(
                     "SELECT 1 FROM chat_users WHERE username = ?", other)):
-                raise UnknownUser(f"no user named {other!r}")
+                raise _refused("no user", conv, sender)
 
     async def post(self, conv: Conversation, sender: str, content: str,
                    mentioned: list[str], charge: tuple[str, int, float] | None = None,
@@ -510,7 +514,7 @@ class ChatStore:
         now = now_iso()
         if session is not None and not (yield from self._session_valid(
                 session[0], sender, session[1])):
-            raise NoSession(_SESSION_ENDED)
+            raise NoSession.ended()
         yield from self._check_writable(conv, sender)
         if charge is not None:
             wait_s = (yield pg_only("SELECT chat_cluster_hit(?, ?, ?)", *charge)).value()

@@ -295,16 +295,8 @@ class Hub:
         seq, frame, topics = update.seq, update.frame, update.topics
         delivered = 0
         if update.private:
-            # Subscribers with one token share its claims (a user's windows): ask once.
-            verdicts: dict[int, bool] = {}
             for sub in self._exact_candidates(topics):
-                claims = sub.claims
-                if claims is None:
-                    continue
-                may = verdicts.get(id(claims))
-                if may is None:
-                    may = verdicts[id(claims)] = claims.may_read_private(topics)
-                if may:
+                if sub.claims is not None and sub.claims.may_read_private(topics):
                     delivered += sub.offer(seq, frame)
         else:
             for sub in self._exact_candidates(topics):
