@@ -89,6 +89,14 @@ _QUIET_S = 0.05
 _RECHECK_S = 5.0
 # Logical decoding, idle: how often the tailer compares the WAL's position with its own.
 _WAL_POLL_S = 0.003
+# While changes keep coming, the tailer reads (and, decoding, steps) at most this often.
+# A read costs about the same whether it finds two changes or two hundred (a tick and its
+# commit; decoding: a decoding context that re-reads the WAL from the slot's restart
+# point, twice; the hub's commit of the page), and read back to back under a steady
+# stream it found a few each time: at 4,000 single-row commits a second, 20 ms cut what
+# capture costs per change by half and more (`scripts/pg-tailer-cpu`, docs/feeds.md).
+# The first change after a quiet spell is read at once.
+_BUSY_READ_EVERY_S = 0.02
 _PRUNE_EVERY_S = 1.0
 _RESOLVE_WAIT_S = 10.0
 # A process that does not tail reads the tailer's saved cursor this often while a watch
@@ -471,6 +479,7 @@ class _SchemaLog:
         self._full = False  # the last read's page was full: more of the log is stored
         self._last: tuple[int, int | None, int] = (0, None, 0)  # position, txid, seq
         self._last_found = 0.0
+        self._found_read_at = 0.0  # when the last read that found changes began
         self._page: _Page | None = None
         # Logical decoding (`decoding.py`): the log's capture mode as last read, the WAL
         # position of the last step, the slot's lag; `recheck`: read the mode again.
@@ -516,6 +525,12 @@ class _SchemaLog:
 
     async def read(self, after: int, limit: int) -> list[Entry]:
         conn = self._leading()
+        started = time.monotonic()
+        if not self._full:  # (a full page: more is in the log already, read it now)
+            busy = self._found_read_at + _BUSY_READ_EVERY_S - started
+            if busy > 0:
+                await asyncio.sleep(busy)
+                started = time.monotonic()
         reread: set[str] = set()
         # What the hub acknowledged, which `after` may be past (a read ahead).
         save = self._unsaved if self._unsaved > self._saved else None
@@ -544,7 +559,7 @@ class _SchemaLog:
             await conn.fetchval(self._feed._log.wake_sql(), timeout=COMMAND_TIMEOUT_S)
             self._holding = False
         now = time.monotonic()
-        self._last_found = now
+        self._last_found, self._found_read_at = now, started
         last = rows[-1]
         self._last = (int(str(last[0])), None if last[2] is None else int(str(last[2])),
                       int(str(last[3])))
