@@ -3,13 +3,16 @@
 What every backend relies on: entries are published in order, the cursor is saved only
 after the hub acknowledged, a failed attempt starts over from the saved cursor (and the
 transport stores each republished update once), a wake-up makes it read at once, and
-`wait_published` returns when the tailer has published a position.
+`wait_published` returns when the tailer has published a position, and a steady stream is
+read in pages (`busy_read_every_s`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -32,6 +35,7 @@ class ListLog:
         self.saves: list[int] = []
         self.leads = 0
         self.reads: list[tuple[int, int]] = []  # (after, saved then)
+        self.found: list[tuple[float, int]] = []  # reads that found entries: (began, how many)
         self.fail_save_once = fail_save_once
         self._changed = asyncio.Condition()
 
@@ -51,9 +55,13 @@ class ListLog:
 
     async def read(self, after: int, limit: int) -> list[Entry]:
         self.reads.append((after, self.saved))
+        began = time.monotonic()
         await asyncio.sleep(0)  # a read takes a while: the publish of a page read ahead runs
-        return [(seq, Update.create(["/log"], str(seq), id=f"log-{seq}"))
+        page = [(seq, Update.create(["/log"], str(seq), id=f"log-{seq}"))
                 for seq in self.rows if seq > after][:limit]
+        if page:
+            self.found.append((began, len(page)))
+        return page
 
     async def save(self, cursor: int) -> None:
         await asyncio.sleep(0)  # a save takes a while too: a read ahead runs meanwhile
@@ -76,11 +84,12 @@ def saved_cursor(log: ListLog) -> Callable[[], Awaitable[int]]:
     return saved
 
 
-async def started(log: ListLog, batch: int = 3, read_ahead: bool = False) -> tuple[Hub, Tailer]:
+async def started(log: ListLog, batch: int = 3, read_ahead: bool = False,
+                  busy_read_every_s: float = 0.0) -> tuple[Hub, Tailer]:
     hub = Hub(open_transport("memory://"))
     await hub.start()
     tailer = Tailer(log, hub, what="test log", unit="entry", batch=batch,
-                    read_ahead=read_ahead)
+                    read_ahead=read_ahead, busy_read_every_s=busy_read_every_s)
     tailer.start()
     return hub, tailer
 
@@ -130,6 +139,46 @@ async def test_read_ahead_reads_the_next_page_before_this_one_is_saved() -> None
         # Each page after the first is read while the one before it is published.
         assert log.reads[:3] == [(0, 0), (3, 0), (6, 3)]
         assert await stored(hub) == [f"log-{n}" for n in range(1, 8)]
+    finally:
+        await tailer.stop()
+        await hub.stop()
+
+
+@pytest.mark.parametrize("read_ahead", [False, True])
+async def test_a_steady_stream_is_read_in_pages_at_most_every_busy_interval(
+        read_ahead: bool) -> None:
+    log = ListLog()
+    hub, tailer = await started(log, batch=500, read_ahead=read_ahead,
+                                busy_read_every_s=0.05)
+    try:
+        for _ in range(100):  # an entry every 2 ms or more, each with a wake-up
+            log.append(1)
+            tailer.wake()
+            await asyncio.sleep(0.002)
+        await tailer.wait_published(100, saved_cursor(log), timeout_s=5, poll_s=0.01)
+        assert await stored(hub) == [f"log-{n}" for n in range(1, 101)]
+        began = [at for at, _ in log.found]
+        # (Read back to back, each read found an entry or two, a few ms apart.)
+        assert all(b - a >= 0.049 for a, b in itertools.pairwise(began))
+        assert len(log.found) < 50
+    finally:
+        await tailer.stop()
+        await hub.stop()
+
+
+async def test_full_pages_and_a_first_entry_are_read_at_once_later_ones_wait() -> None:
+    log = ListLog(7)
+    hub, tailer = await started(log, batch=3, busy_read_every_s=10)
+    try:
+        # Pages of 3, 3 and 1, none of them waiting ten seconds: the full ones say that
+        # more is there, and the first read had found nothing before.
+        await tailer.wait_published(7, saved_cursor(log), timeout_s=5, poll_s=0.01)
+        log.append(1)
+        tailer.wake()
+        # Entries are coming (a read found some just now): the next read waits.
+        with pytest.raises(ServiceUnavailable):
+            await tailer.wait_published(8, saved_cursor(log), timeout_s=0.3, poll_s=0.01)
+        assert [n for _, n in log.found] == [3, 3, 1]
     finally:
         await tailer.stop()
         await hub.stop()

@@ -9,7 +9,10 @@ the hub's history exactly once, and from there every subscriber, live or resumin
 
 This module is that loop, once. It publishes a page of entries at once (`publish_many`:
 one commit for the page where the hub's transport can), in order; where the source
-allows, it reads the next page while one is published. A backend (`Source`)
+allows, it reads the next page while one is published, and where a read costs about the
+same for one entry as for a page, it reads a steady stream in pages: at most every
+`busy_read_every_s` while entries keep coming (the first after a quiet spell, and the
+rest of a full page, at once). A backend (`Source`)
 says how to read and how to save, how to wait for more (an event set by its own writes,
 a NOTIFY, a poll), and how to become the one tailer among processes (a file lock, a
 session advisory lock, or nothing). The loop runs under `run_with_backoff`: when the
@@ -83,6 +86,7 @@ class Tailer:
         after_save: Callable[[], Awaitable[object]] | None = None,
         after_save_every_s: float = 0.0,
         read_ahead: bool = False,
+        busy_read_every_s: float = 0.0,
     ) -> None:
         self._source = source
         self._hub = hub
@@ -96,6 +100,13 @@ class Tailer:
         # may run beside its `save` and the hub's commit (it reads on a connection of
         # its own).
         self._read_ahead = read_ahead
+        # While entries keep coming, read at most this often: for a source whose read
+        # costs about the same for one entry as for a page, so that a steady stream is
+        # read in pages, not one by one. The first entry after a quiet spell, and the
+        # rest of a full page, are read at once.
+        self._busy_read_every_s = busy_read_every_s
+        self._found_at = 0.0  # when the last read that found entries began
+        self._full = False  # the last read's page was full
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -169,7 +180,7 @@ class Tailer:
                     # Cleared before reading: an entry written while we read or publish
                     # makes the wait below return at once.
                     self._wake.clear()
-                    entries = await source.read(self.published, self._batch)
+                    entries = await self._read(self.published)
                 else:
                     entries, ahead = await ahead, None
                 if self._read_ahead and entries:
@@ -177,7 +188,7 @@ class Tailer:
                     # (the read and the hub's commit wait on different connections); it
                     # is published only after this one is.
                     self._wake.clear()
-                    ahead = asyncio.create_task(source.read(entries[-1][0], self._batch))
+                    ahead = asyncio.create_task(self._read(entries[-1][0]))
                 # The page in one go (one commit where the transport can batch): what is
                 # stored if this fails is a prefix, which the next attempt stores again.
                 await self._hub.publish_many([update for _, update in entries
@@ -198,6 +209,18 @@ class Tailer:
                 await asyncio.wait({ahead})
                 if not ahead.cancelled():
                     ahead.exception()  # retrieved, so not logged as never retrieved
+
+    async def _read(self, after: int) -> Sequence[Entry]:
+        if not self._full:
+            busy = self._found_at + self._busy_read_every_s - time.monotonic()
+            if busy > 0:
+                await asyncio.sleep(busy)
+        started = time.monotonic()
+        entries = await self._source.read(after, self._batch)
+        if entries:
+            self._found_at = started
+        self._full = len(entries) >= self._batch
+        return entries
 
     def _notify_progress(self) -> None:
         self._progress.set()

@@ -89,13 +89,13 @@ _QUIET_S = 0.05
 _RECHECK_S = 5.0
 # Logical decoding, idle: how often the tailer compares the WAL's position with its own.
 _WAL_POLL_S = 0.003
-# While changes keep coming, the tailer reads (and, decoding, steps) at most this often.
-# A read costs about the same whether it finds two changes or two hundred (a tick and its
-# commit; decoding: a decoding context that re-reads the WAL from the slot's restart
-# point, twice; the hub's commit of the page), and read back to back under a steady
-# stream it found a few each time: at 4,000 single-row commits a second, 20 ms cut what
-# capture costs per change by half and more (`scripts/pg-tailer-cpu`, docs/feeds.md).
-# The first change after a quiet spell is read at once.
+# While changes keep coming, the tailer reads (and, decoding, steps) at most this often
+# (`Tailer`'s `busy_read_every_s`). A read costs about the same whether it finds two
+# changes or two hundred (a tick and its commit; decoding: a decoding context that
+# re-reads the WAL from the slot's restart point, twice; the hub's commit of the page),
+# and read back to back under a steady stream it found a few each time: at 4,000
+# single-row commits a second, 20 ms cut what capture costs per change by half and more
+# (`scripts/pg-tailer-cpu`, docs/feeds.md).
 _BUSY_READ_EVERY_S = 0.02
 _PRUNE_EVERY_S = 1.0
 _RESOLVE_WAIT_S = 10.0
@@ -127,7 +127,8 @@ class PostgresFeed(Documents):
         self._source = _SchemaLog(self)
         self._tailer = Tailer(self._source, hub, what="change feed", unit="change",
                               batch=_BATCH, after_save=self.prune,
-                              after_save_every_s=_PRUNE_EVERY_S, read_ahead=True)
+                              after_save_every_s=_PRUNE_EVERY_S, read_ahead=True,
+                              busy_read_every_s=_BUSY_READ_EVERY_S)
         self._listener: asyncio.Task[None] | None = None
         self._activating = asyncio.Lock()
 
@@ -479,7 +480,6 @@ class _SchemaLog:
         self._full = False  # the last read's page was full: more of the log is stored
         self._last: tuple[int, int | None, int] = (0, None, 0)  # position, txid, seq
         self._last_found = 0.0
-        self._found_read_at = 0.0  # when the last read that found changes began
         self._page: _Page | None = None
         # Logical decoding (`decoding.py`): the log's capture mode as last read, the WAL
         # position of the last step, the slot's lag; `recheck`: read the mode again.
@@ -525,12 +525,6 @@ class _SchemaLog:
 
     async def read(self, after: int, limit: int) -> list[Entry]:
         conn = self._leading()
-        started = time.monotonic()
-        if not self._full:  # (a full page: more is in the log already, read it now)
-            busy = self._found_read_at + _BUSY_READ_EVERY_S - started
-            if busy > 0:
-                await asyncio.sleep(busy)
-                started = time.monotonic()
         reread: set[str] = set()
         # What the hub acknowledged, which `after` may be past (a read ahead).
         save = self._unsaved if self._unsaved > self._saved else None
@@ -559,7 +553,7 @@ class _SchemaLog:
             await conn.fetchval(self._feed._log.wake_sql(), timeout=COMMAND_TIMEOUT_S)
             self._holding = False
         now = time.monotonic()
-        self._last_found, self._found_read_at = now, started
+        self._last_found = now
         last = rows[-1]
         self._last = (int(str(last[0])), None if last[2] is None else int(str(last[2])),
                       int(str(last[3])))
