@@ -16,8 +16,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tidings import pgdb
 from tidings.chat.cluster import Cluster, ClusterConfig
 from tidings.chat.limits import SharedLimit
+from tidings.chat.migrations import POSTGRES
 from tidings.chat.pg_store import PostgresDatabase
 from tidings.chat.shared_presence import SharedPresence
 
@@ -206,3 +208,48 @@ async def test_the_rate_limit_holds_across_processes(db_url: str) -> None:
         # Concurrent hits from both: exactly the limit gets through.
         results = await asyncio.gather(*(limit.hit("carol") for limit in (on_a, on_b) * 5))
         assert sorted(results)[:3] == [0, 0, 0] and all(r >= 1 for r in sorted(results)[3:])
+
+
+async def _hit_rows(db_url: str, key: str) -> list[tuple[int | None, float]]:
+    conn = await pgdb.connect(db_url)
+    try:
+        return [(r[0], r[1]) for r in await conn.fetch(
+            "SELECT n, at FROM chat_cluster_hits WHERE key = $1 ORDER BY at", key)]
+    finally:
+        await conn.close()
+
+
+async def test_the_rate_limit_slides_and_survives_retention_and_the_upgrade(
+        db_url: str) -> None:
+    """The window slides (a hit leaves it after `window`), retention deleting expired hits
+    changes no answer, and hits taken before migration 4 (not numbered) still count."""
+    announced = Announcements()
+    async with process(db_url, announced) as (a, _):
+        limit = SharedLimit(a, "post", 2, 0.5)
+        assert [await limit.hit("dave"), await limit.hit("dave")] == [0, 0]
+        assert await limit.hit("dave") == 1
+        await asyncio.sleep(0.6)  # both left the window: two more, numbered on
+        assert [await limit.hit("dave"), await limit.hit("dave")] == [0, 0]
+        assert await limit.hit("dave") == 1
+        assert [n for n, _ in await _hit_rows(db_url, "post:dave")] == [1, 2, 3, 4]
+        await asyncio.sleep(0.6)
+        await a.sweep()  # retention: every hit of dave's has expired
+        assert await _hit_rows(db_url, "post:dave") == []
+        assert [await limit.hit("dave"), await limit.hit("dave")] == [0, 0]
+        assert await limit.hit("dave") == 1
+
+        # Hits as migration 3's function took them, without a number; migration 4 again
+        # (it is idempotent) numbers them in time order, and they count.
+        conn = await pgdb.connect(db_url)
+        try:
+            await conn.execute(
+                "INSERT INTO chat_cluster_hits (key, at, expires_at) SELECT 'post:erin', "
+                "t, t + 60 FROM (SELECT extract(epoch FROM now()) - 3 + i AS t "
+                "FROM generate_series(0, 1) i) s")
+            await conn.execute(POSTGRES[3])
+        finally:
+            await conn.close()
+        assert [n for n, _ in await _hit_rows(db_url, "post:erin")] == [1, 2]
+        assert 1 <= await SharedLimit(a, "post", 2, 60.0).hit("erin") <= 60
+        assert await SharedLimit(a, "post", 3, 60.0).hit("erin") == 0
+        assert [n for n, _ in await _hit_rows(db_url, "post:erin")] == [1, 2, 3]
