@@ -236,6 +236,17 @@ async def test_identical_publishes_racing_on_several_processes_are_stored_once(
     assert found is not None and found.seq == changed.seq and found.data == "data 8"
 
 
+async def test_a_batch_holding_one_update_twice_stores_it_once(
+    opener: Opener, raw: asyncpg.Connection, namespace: str
+) -> None:
+    t = await opener()
+    first, other, again = await t.append_many(
+        [update(1, id="twice"), update(2), update(1, id="twice")])
+    assert again.seq == first.seq and other.seq == first.seq + 1
+    assert again.created_at == first.created_at
+    assert await raw.fetchval(f"SELECT count(*) FROM {namespace}_updates") == 2
+
+
 async def test_concurrent_starts_on_a_new_namespace_create_one_table(opener: Opener) -> None:
     transports = await asyncio.gather(*[opener() for _ in range(4)])
     assert {t.last_seq for t in transports} == {0}

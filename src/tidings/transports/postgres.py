@@ -181,34 +181,56 @@ class PostgresTransport:
                 frame      bytea NOT NULL
             );
             CREATE INDEX IF NOT EXISTS {t}_id ON {t} (id, seq);
+            CREATE OR REPLACE FUNCTION {t}_append(
+                p_ids text[], p_topics jsonb[], p_datas text[], p_privates boolean[],
+                p_types text[], p_retries integer[], p_frames bytea[])
+            RETURNS TABLE (out_seq bigint, out_at float8, out_inserted boolean)
+            LANGUAGE plpgsql AS $fn$
+            DECLARE
+                next bigint;
+                first bigint;
+                newest record;
+            BEGIN
+                PERFORM pg_advisory_xact_lock({self.lock_key});
+                -- After the lock: sees every earlier append.
+                SELECT coalesce(max(u.seq), 0) INTO next FROM {t} u;
+                first := next;
+                FOR i IN 1 .. coalesce(array_length(p_ids, 1), 0) LOOP
+                    -- A retried publish (the newest row with its id is the same update)
+                    -- is answered with that row, not stored again.
+                    SELECT u.seq, u.created_at, u.topics, u.data, u.private, u.frame
+                      INTO newest FROM {t} u WHERE u.id = p_ids[i] ORDER BY u.seq DESC LIMIT 1;
+                    IF FOUND AND newest.topics = p_topics[i] AND newest.data = p_datas[i]
+                            AND newest.private = p_privates[i] AND newest.frame = p_frames[i] THEN
+                        out_seq := newest.seq;
+                        out_at := extract(epoch FROM newest.created_at);
+                        out_inserted := false;
+                    ELSE
+                        next := next + 1;
+                        INSERT INTO {t} (seq, id, topics, data, private, type, retry,
+                                         created_at, frame)
+                        VALUES (next, p_ids[i], p_topics[i], p_datas[i], p_privates[i],
+                                p_types[i], p_retries[i], clock_timestamp(), p_frames[i])
+                        RETURNING extract(epoch FROM created_at) INTO out_at;
+                        out_seq := next;
+                        out_inserted := true;
+                    END IF;
+                    RETURN NEXT;
+                END LOOP;
+                IF next > first THEN  -- it only says "look again"
+                    PERFORM pg_notify('{self.channel}', next::text);
+                END IF;
+            END $fn$;
         """
+        # A batch of appends in one call, its own transaction: the lock, an idempotent
+        # insert of each update in order (created_at stamped under the lock, so it grows
+        # with seq), one NOTIFY; a row (seq, created_at, inserted) per update.
+        self._sql_append = (f"SELECT out_seq, out_at, out_inserted FROM {t}_append("
+                            f"$1::text[], $2::jsonb[], $3::text[], $4::boolean[], "
+                            f"$5::text[], $6::integer[], $7::bytea[])")
         # BEGIN and the lock in one round trip (simple protocol, no parameters); the key
         # is an integer we computed, not input.
         self._sql_begin_locked = f"BEGIN; SELECT pg_advisory_xact_lock({self.lock_key})"
-        # Runs after the lock is granted, so its snapshot sees every earlier append (and the
-        # earlier statements of its own batch). It inserts nothing when the newest row with
-        # this id is the same update (a retried publish). Exactly one row comes back either
-        # way: (seq, created_at, inserted). created_at is stamped under the lock, so it
-        # grows with seq.
-        self._sql_insert = f"""
-            WITH newest AS (
-                SELECT seq, created_at, topics, data, private, frame
-                FROM {t} WHERE id = $1 ORDER BY seq DESC LIMIT 1
-            ), same AS (
-                SELECT seq, created_at FROM newest
-                WHERE topics = $2::jsonb AND data = $3 AND private = $4 AND frame = $7
-            ), inserted AS (
-                INSERT INTO {t} (seq, id, topics, data, private, type, retry, created_at, frame)
-                SELECT next.seq, $1, $2::jsonb, $3, $4, $5::text, $6::integer,
-                       clock_timestamp(), $7
-                FROM (SELECT coalesce(max(seq), 0) + 1 AS seq FROM {t}) AS next
-                WHERE NOT EXISTS (SELECT 1 FROM same)
-                RETURNING seq, created_at
-            )
-            SELECT seq, extract(epoch FROM created_at)::float8, true FROM inserted
-            UNION ALL
-            SELECT seq, extract(epoch FROM created_at)::float8, false FROM same
-        """
         self._sql_read_after = f"SELECT {cols} FROM {t} WHERE seq > $1 ORDER BY seq LIMIT $2"
         self._sql_find = f"SELECT {cols} FROM {t} WHERE id = $1 ORDER BY seq DESC LIMIT 1"
         self._sql_last_seq = f"SELECT coalesce(max(seq), 0) FROM {t}"
@@ -378,33 +400,22 @@ class PostgresTransport:
         return True
 
     async def _insert(self, updates: list[Update], *, may_retry: bool = False) -> list[Update]:
-        """Store `updates` in one transaction under the append lock, in their order: three
-        round trips (BEGIN and lock, the pipelined inserts, NOTIFY and COMMIT) and one WAL
-        flush, however many updates there are. (`may_retry`: see `_connection`.)"""
-        # A failure or cancellation mid-transaction drops the connection (`pooled`): the
-        # server rolls back and releases the lock.
+        """Store `updates` in one transaction under the append lock, in their order: one
+        round trip (`NAME_append`) and one WAL flush, however many updates there are.
+        (`may_retry`: see `_connection`.)"""
+        # A failure or cancellation mid-call drops the connection (`pooled`): the server
+        # rolls back and releases the lock.
         async with self._connection(may_retry=may_retry) as conn:
-            await conn.execute(self._sql_begin_locked)
-            rows = await conn.fetchmany(
-                self._sql_insert,
-                [
-                    (
-                        u.id,
-                        json.dumps(list(u.topics)),
-                        u.data,
-                        u.private,
-                        u.type,
-                        u.retry,
-                        u.frame,
-                    )
-                    for u in updates
-                ],
+            rows = await conn.fetch(
+                self._sql_append,
+                [u.id for u in updates],
+                [json.dumps(list(u.topics)) for u in updates],
+                [u.data for u in updates],
+                [u.private for u in updates],
+                [u.type for u in updates],
+                [u.retry for u in updates],
+                [u.frame for u in updates],
             )
-            new = [cast(int, seq) for seq, _, inserted in rows if inserted]
-            # One NOTIFY per batch: it only says "look again". Inline values are safe:
-            # the channel is a checked identifier, the payload an integer.
-            notify = f"SELECT pg_notify('{self.channel}', '{max(new)}'); " if new else ""
-            await conn.execute(notify + "COMMIT")
         return [
             update.stored(cast(int, seq), cast(float, created_at))
             for update, (seq, created_at, _) in zip(updates, rows, strict=True)
