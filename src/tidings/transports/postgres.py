@@ -17,8 +17,10 @@ processes store one row.
 Group commit. Serializing makes every append pay for a whole transaction, WAL flush
 included, while holding the lock: about a millisecond here, so a thousand appends a
 second at most. Each process therefore has one writer task that takes every append
-waiting in its queue into one transaction (one lock wait, pipelined inserts, one NOTIFY,
-one flush). A lone publisher waits no longer than before; many publishers share commits.
+waiting in its queue into one transaction: one call of the function `NAME_append`
+(created with the table), which takes the lock, inserts each update in order (or finds it
+stored), NOTIFYs once and commits with one flush, in one round trip. A lone publisher
+waits no longer than before; many publishers share commits.
 
 Reading. The writer, `read_after` and `find` use a small pool. `tail` opens its own
 connection, LISTENs on `NAME_updates`, reads pages of the table until it is caught up,
