@@ -8,9 +8,9 @@ import asyncio
 import concurrent.futures
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 import pytest
@@ -19,6 +19,8 @@ from tests.services import POSTGRES_URL, require
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
+
+T = TypeVar("T")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -49,19 +51,32 @@ def chat_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     base = require(POSTGRES_URL)
     schema = "tb_" + uuid.uuid4().hex[:12]
-    _in_thread(f"CREATE SCHEMA {schema}", base)
+    pg_execute(base, f"CREATE SCHEMA {schema}")
     yield f"{base}{'&' if '?' in base else '?'}search_path={schema}"
-    _in_thread(f"SET lock_timeout = '20s'; DROP SCHEMA {schema} CASCADE", base)
+    pg_execute(base, f"SET lock_timeout = '20s'; DROP SCHEMA {schema} CASCADE")
 
 
-def _in_thread(script: str, base: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(base)
+def pg_execute(url: str, script: str) -> None:
+    """Run `script` (statements, no rows) on PostgreSQL at `url`."""
+    _on_connection(url, lambda conn: conn.execute(script))
+
+
+def pg_fetch(url: str, query: str) -> list[asyncpg.Record]:
+    """The rows of `query` on PostgreSQL at `url` (a `?search_path=` in it is a setting
+    of the session)."""
+    return _on_connection(url, lambda conn: conn.fetch(query))
+
+
+def _on_connection(url: str, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """`op` on a connection of its own, from a thread of its own, away from Playwright's
+    loop."""
+
+    async def run() -> T:
+        conn = await asyncpg.connect(url)
         try:
-            await conn.execute(script)
+            return await op(conn)
         finally:
             await conn.close()
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, run()).result(timeout=60)
-
+        return pool.submit(asyncio.run, run()).result(timeout=60)

@@ -3,9 +3,10 @@ chat's PostgreSQL schema and a Redis bus, each behind its own nginx (deploy/ngin
 with the other process as the backup upstream): alice's window is served by A, bob's by
 B. Messages, a direct message, an edit, presence, typing and an assistant reply are seen
 live in both; then A is SIGKILLed: alice's window reconnects through nginx to B, and
-nothing is lost or doubled.
+nothing is lost or doubled. And the same with one `tidings serve --workers 2` behind one
+nginx: the two windows' streams on different workers, then alice's worker SIGKILLed.
 
-Waits are on page state with deadlines, never sleeps."""
+Waits are on page state (or the database's) with deadlines, never fixed sleeps."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import asyncio
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import CHROMIUM
+from tests.browser.conftest import CHROMIUM, pg_fetch
 from tests.conftest import HubProcess
 from tests.integration.test_assistant import FULL, FakeLLM
 from tests.nginx import nginx, port_of, require_nginx
@@ -82,52 +84,107 @@ def test_two_windows_on_two_processes_and_a_sigkill(
         bob = Window(browser, via_b).sign_up("bob")
         opened.append(bob)
 
-        # Presence across processes: each sees the other online in #general.
-        expect(bob.page.locator("#presence")).to_contain_text("alice", timeout=WAIT_MS)
-        expect(alice.page.locator("#presence")).to_contain_text("bob", timeout=WAIT_MS)
-
-        alice.send("Hello from process A")
-        expect(bob.messages("Hello from process A")).to_have_count(1, timeout=WAIT_MS)
-        bob.page.get_by_role("textbox", name="Message").press_sequentially("Hel")
-        expect(alice.page.locator("#typing")).to_have_text("bob is typing…",
-                                                            timeout=WAIT_MS)
-        bob.send("Hello from process B")
-        expect(alice.messages("Hello from process B")).to_have_count(1, timeout=WAIT_MS)
-
-        # An edit on A, seen on B.
-        mine = alice.page.locator("#messages li.mine")
-        mine.get_by_role("button", name="Edit").click()
-        editor = alice.page.get_by_role("textbox", name="Edit the message")
-        editor.fill("Hello from process A, edited")
-        editor.press("Enter")
-        expect(bob.messages("Hello from process A, edited")).to_have_count(1,
-                                                                          timeout=WAIT_MS)
-        # Bob may see the edit before Alice's page has its own answer and closes the
-        # editor (whose label also says "message"): wait for that before typing on.
-        expect(editor).to_have_count(0, timeout=WAIT_MS)
-
-        # The assistant's reply, streamed by A, in both windows.
-        alice.send("@assistant say hello")
-        for window in (alice, bob):
-            expect(window.messages(FULL)).to_have_count(1, timeout=WAIT_MS)
-
-        # A direct message from alice, posted on A, to bob's window on B.
-        reply = post(via_a, alice.session(), "/api/dm/bob/messages", content="A word")
-        assert reply.status_code == 201, reply.text
-        person = bob.page.locator('#people button[data-user="alice"]')
-        expect(person.locator(".unread")).to_have_text("1", timeout=WAIT_MS)
-
+        held = live_in_both(alice, bob, via_a, "Hello from process A", "Hello from process B")
         # A dies. Alice's window reconnects through its nginx, to B; messages sent
         # meanwhile reach her once, and hers reach bob.
         a.stop(signal.SIGKILL)
-        bob.send("Sent while A was down")
-        expect(alice.messages("Sent while A was down")).to_have_count(1, timeout=WAIT_MS)
-        alice.wait_status("live")
-        alice.send("Back, on process B")
-        expect(bob.messages("Back, on process B")).to_have_count(1, timeout=WAIT_MS)
-        expect(bob.page.locator("#presence")).to_contain_text("alice", timeout=WAIT_MS)
-        for window in (alice, bob):
-            for text in ("Hello from process A, edited", "Hello from process B", FULL,
-                         "Sent while A was down", "Back, on process B"):
-                expect(window.messages(text)).to_have_count(1)
-            expect(window.page.locator("#messages li")).to_have_count(6)
+        nothing_lost_after_the_kill(alice, bob, held)
+
+
+@pytest.mark.parametrize("chat_db", ["postgres"], indirect=True)
+def test_two_windows_on_two_workers_behind_nginx_and_a_sigkill(
+        browser: Browser, opened: list[Window], chat_db: str, fake_llm: FakeLLM,
+        hub_factory: type[HubProcess], tmp_path: Path) -> None:
+    """`tidings serve --workers 2` behind nginx: the kernel gives each connection to
+    either worker, so bob's page is reloaded until his stream is on the other worker
+    than alice's (the chat's presence rows say which process holds each stream)."""
+    require_nginx()
+    bus = f"{require(REDIS_URL)}?namespace=cw{uuid.uuid4().hex[:12]}"
+    server = hub_factory("--workers", "2", "--bus", bus, "--chat-heartbeat", "1",
+                         "--assistant-url", fake_llm.url, "--assistant-model", "m",
+                         db=chat_db).start()
+    port = port_of(server.url)
+    with nginx(tmp_path / "nginx", port, port) as via:
+        alice = Window(browser, via).sign_up("alice")
+        opened.append(alice)
+        bob = Window(browser, via).sign_up("bob")
+        opened.append(bob)
+        alice_worker = stream_worker(chat_db, "alice")
+        for _ in range(12):
+            if stream_worker(chat_db, "bob") != alice_worker:
+                break
+            bob.page.reload()
+            bob.wait_status("live")
+        else:
+            raise AssertionError("bob's stream never landed on the other worker")
+
+        held = live_in_both(alice, bob, via, "Hello from one worker", "Hello from the other")
+        # Alice's worker dies (uvicorn starts another): her window reconnects through
+        # nginx, and misses nothing sent meanwhile.
+        os.kill(alice_worker, signal.SIGKILL)
+        nothing_lost_after_the_kill(alice, bob, held)
+
+
+def live_in_both(alice: Window, bob: Window, url: str, hers: str, his: str) -> list[str]:
+    """Presence, messages (`hers` from alice, `his` from bob), typing, an edit, an
+    assistant reply and a direct message (posted through `url`), each seen live in the
+    other's window. Returns the texts the room now holds."""
+    expect(bob.page.locator("#presence")).to_contain_text("alice", timeout=WAIT_MS)
+    expect(alice.page.locator("#presence")).to_contain_text("bob", timeout=WAIT_MS)
+    alice.send(hers)
+    expect(bob.messages(hers)).to_have_count(1, timeout=WAIT_MS)
+    bob.page.get_by_role("textbox", name="Message").press_sequentially("Hel")
+    expect(alice.page.locator("#typing")).to_have_text("bob is typing…", timeout=WAIT_MS)
+    bob.send(his)
+    expect(alice.messages(his)).to_have_count(1, timeout=WAIT_MS)
+
+    mine = alice.page.locator("#messages li.mine")
+    mine.get_by_role("button", name="Edit").click()
+    editor = alice.page.get_by_role("textbox", name="Edit the message")
+    editor.fill(f"{hers}, edited")
+    editor.press("Enter")
+    expect(bob.messages(f"{hers}, edited")).to_have_count(1, timeout=WAIT_MS)
+    # Bob may see the edit before Alice's page has its own answer and closes the
+    # editor (whose label also says "message"): wait for that before typing on.
+    expect(editor).to_have_count(0, timeout=WAIT_MS)
+
+    alice.send("@assistant say hello")
+    for window in (alice, bob):
+        expect(window.messages(FULL)).to_have_count(1, timeout=WAIT_MS)
+
+    reply = post(url, alice.session(), "/api/dm/bob/messages", content="A word")
+    assert reply.status_code == 201, reply.text
+    person = bob.page.locator('#people button[data-user="alice"]')
+    expect(person.locator(".unread")).to_have_text("1", timeout=WAIT_MS)
+    return [f"{hers}, edited", his, FULL]
+
+
+def nothing_lost_after_the_kill(alice: Window, bob: Window, held: list[str]) -> None:
+    """Alice's server was just SIGKILLed: a message sent meanwhile reaches her once, hers
+    reaches bob, and each window holds the room's earlier messages (`held`) and these,
+    each once."""
+    bob.send("Sent while it was down")
+    expect(alice.messages("Sent while it was down")).to_have_count(1, timeout=WAIT_MS)
+    alice.wait_status("live")
+    alice.send("Back, on a live process")
+    expect(bob.messages("Back, on a live process")).to_have_count(1, timeout=WAIT_MS)
+    expect(bob.page.locator("#presence")).to_contain_text("alice", timeout=WAIT_MS)
+    for window in (alice, bob):
+        for text in (*held, "Sent while it was down", "Back, on a live process"):
+            expect(window.messages(text)).to_have_count(1)
+        expect(window.page.locator("#messages li")).to_have_count(6)
+
+
+def stream_worker(chat_db: str, user: str) -> int:
+    """The pid of the process holding `user`'s one stream, once the chat's presence rows
+    show exactly one (a reloaded page's old stream leaves its row for the 2 s grace)."""
+    deadline = time.monotonic() + 15
+    while True:
+        pids = [row["pid"] for row in pg_fetch(chat_db, f"""
+            SELECT pid FROM chat_cluster_presence JOIN chat_cluster_processes
+            USING (process) WHERE username = '{user}'""")]
+        if len(pids) == 1:
+            return int(pids[0])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{user} has {len(pids)} streams, not one")
+        time.sleep(0.2)
