@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import PUBLISHER, HubProcess, SSEStream, open_stream, token
+from tests.integration.test_lifecycle import eventually, metric
 
 pytestmark = pytest.mark.anyio
 
@@ -510,3 +511,38 @@ async def test_no_chat_keeps_the_debugger_at_the_root(hub_factory: type[HubProce
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         assert "debugger.js" in (await client.get("/")).text
         assert (await client.get("/api/me")).status_code == 404
+
+
+# -- for operators -----------------------------------------------------------------------------
+
+
+async def test_metrics_say_what_the_chat_does(server: HubProcess, chat_db: str) -> None:
+    store = "postgresql" if chat_db.startswith("postgresql") else "sqlite"
+
+    async def value(name: str) -> float:
+        return await metric(ops, server, name)
+
+    async def equals(name: str, expected: float) -> bool:
+        return await value(name) == expected
+
+    async with httpx.AsyncClient(timeout=10) as ops, users(server.url, "alice") as (alice,):
+        assert await value(f'tidings_chat_info{{store="{store}"}}') == 1
+        await eventually(lambda: equals("tidings_chat_relay_leading", 1), 10, "the relay")
+        assert await value("tidings_chat_messages_posted_total") == 0
+        async with stream(alice, "/chat/rooms/general") as events:
+            await eventually(lambda: equals("tidings_chat_streams", 1), 10, "one stream")
+            before = await value("tidings_chat_relay_published_position")
+            for text in ("one", "two"):
+                reply = await alice.post("/api/rooms/general/messages", json={"content": text})
+                assert reply.status_code == 201, reply.text
+            for text in ("one", "two"):
+                assert (await next_of(events, "message.created"))["message"]["content"] == text
+            assert await value("tidings_chat_messages_posted_total") == 2
+            # Both messages' updates went through this process's relay to the stream.
+            assert await value("tidings_chat_relay_published_position") >= before + 2
+        await eventually(lambda: equals("tidings_chat_streams", 0), 10, "no stream")
+        text = (await ops.get(server.url + "/metrics")).text
+        if store == "postgresql":
+            assert await value("tidings_chat_cluster_processes") == 1
+        else:
+            assert "tidings_chat_cluster_processes" not in text

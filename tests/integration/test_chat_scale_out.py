@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import HubProcess
 from tests.integration.test_assistant import CHUNKS, fake_llm, reply_created
 from tests.integration.test_chat import next_of, stream, users
+from tests.integration.test_lifecycle import eventually, metric
 from tests.services import REDIS_URL, require
 
 pytestmark = pytest.mark.anyio
@@ -206,3 +207,28 @@ async def test_on_sqlite_several_workers_turn_the_chat_off_and_say_why(start: St
     server = start("--workers", "2")
     assert httpx.get(server.url + "/api/me", timeout=5).status_code == 404
     assert "chat: off, because --workers 2 needs the chat's tables shared" in server.log()
+
+
+@postgres_only
+async def test_metrics_show_one_relay_and_who_takes_over(start: Start) -> None:
+    """`/metrics` of each process: one of the two relays, both count two processes; when
+    the relay is SIGKILLed, the other relays and counts one."""
+    a, b = start(), start()
+    async with httpx.AsyncClient(timeout=10) as ops:
+
+        async def values(name: str, *servers: HubProcess) -> list[float]:
+            return [await metric(ops, server, name) for server in servers]
+
+        async def one_relay_two_processes() -> bool:
+            return (sorted(await values("tidings_chat_relay_leading", a, b)) == [0, 1]
+                    and await values("tidings_chat_cluster_processes", a, b) == [2, 2])
+
+        await eventually(one_relay_two_processes, 15, "one relay among two processes")
+        relay, other = (a, b) if await values("tidings_chat_relay_leading", a) == [1] else (b, a)
+        relay.stop(signal.SIGKILL)
+
+        async def taken_over() -> bool:
+            return (await values("tidings_chat_relay_leading", other) == [1]
+                    and await values("tidings_chat_cluster_processes", other) == [1])
+
+        await eventually(taken_over, 15, "the other process relays and counts itself alone")

@@ -15,11 +15,12 @@ from tidings.chat.accounts import Passwords, Session, SessionTokens
 from tidings.chat.model import Conversation, Message
 from tidings.chat.presence import PresenceRegistry, PresenceTracker
 from tidings.chat.ratelimit import SlidingWindow
-from tidings.chat.service import ChatConfig, ChatService
+from tidings.chat.service import ChatConfig, ChatService, ChatStatus
 
 __all__ = [
     "ChatConfig",
     "ChatService",
+    "ChatStatus",
     "Conversation",
     "Message",
     "Passwords",

@@ -83,6 +83,8 @@ class Cluster:
         self._on_expired: list[OnExpired] = []
         self._on_message: list[OnMessage] = []
         self._on_rejoined: list[Callable[[], None]] = []
+        # The processes not yet expired at this one's last heartbeat (None before it).
+        self.live_processes: int | None = None
 
     def _name_after(self, schema: str) -> None:
         """The channel and lock keys of the chat tables in `schema` (the session's current
@@ -187,6 +189,10 @@ class Cluster:
                 "INSERT INTO chat_cluster_processes (process, host, pid) VALUES ($1, $2, $3) "
                 "ON CONFLICT (process) DO UPDATE SET seen_at = now() "
                 "RETURNING xmax = 0", self.process, socket.gethostname(), os.getpid())
+            live = await conn.fetchval(
+                "SELECT count(*) FROM chat_cluster_processes "
+                "WHERE seen_at >= now() - make_interval(secs => $1)", self.config.expiry_s)
+            self.live_processes = live if isinstance(live, int) else None
         if inserted and self._task is not None:
             log.warning("chat cluster: this process was taken for gone (no heartbeat for "
                         "%g s); writing its state again", self.config.expiry_s)

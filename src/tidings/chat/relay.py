@@ -47,6 +47,16 @@ class Relay:
     def wake(self) -> None:
         self._tailer.wake()
 
+    @property
+    def leading(self) -> bool:
+        """This process relays (one process among those on the chat's tables does)."""
+        return self._tailer.leading
+
+    @property
+    def published(self) -> int:
+        """The newest outbox row this process's relay published (while it leads)."""
+        return self._tailer.published
+
     async def start(self) -> None:
         self._tailer.start()
 

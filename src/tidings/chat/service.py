@@ -68,7 +68,7 @@ from tidings.hub.update import Update
 if TYPE_CHECKING:
     from tidings.chat.cluster import Cluster
 
-__all__ = ["ChatConfig", "ChatService"]
+__all__ = ["ChatConfig", "ChatService", "ChatStatus"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,20 @@ class ChatConfig:
     heartbeat_s: float = 3.0
     # The assistant's endpoint (None or no url: `@assistant` says none is configured).
     assistant: AssistantConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatStatus:
+    """What the chat tells operators (`/metrics`): known without any I/O."""
+
+    store: str  # "sqlite", "postgresql", "memory"
+    relay_leading: bool  # this process relays the outbox (one process does)
+    relay_published: int  # the newest outbox row its relay published
+    streams: int  # chat streams (windows) open on this process
+    messages_posted: int  # messages posted through this process since it started
+    # PostgreSQL: the chat processes alive at this one's last heartbeat (None: one
+    # process, or no heartbeat yet).
+    processes: int | None
 
 
 def _user_json(user: UserRow) -> dict[str, object]:
@@ -131,6 +145,17 @@ class ChatService:
         self.replies = Replies(self.store, config.assistant, self.cluster)
         self._rooms: set[str] = set()
         self._typing: dict[tuple[str, str], float] = {}
+        self._posted = 0
+
+    def status(self) -> ChatStatus:
+        return ChatStatus(
+            store="postgresql" if self.cluster is not None
+            else self.config.db_url.split(":", 1)[0],
+            relay_leading=self.relay.leading,
+            relay_published=self.relay.published,
+            streams=len(self.presence.registry),
+            messages_posted=self._posted,
+            processes=None if self.cluster is None else self.cluster.live_processes)
 
     def _wake_relay(self) -> None:
         self.relay.wake()
@@ -358,6 +383,7 @@ class ChatService:
         check = None if unchecked is None else (unchecked.sid, time.time())
         message, notified = await self.store.post(conversation, me, text, named, charge,
                                                   check)
+        self._posted += 1
         if unchecked is not None:
             self._checked.confirmed(unchecked.sid, unchecked.username)
         if notified:

@@ -96,7 +96,7 @@ def create_app(settings: Settings) -> TidingsApp:
         *(ChatAPI(chat, publisher_key=access.publisher_key).routes() if chat is not None
           else []),
         *hub_page_routes(at_root=chat is None),
-        *Ops(hub, feed).routes(),
+        *Ops(hub, feed, chat).routes(),
         Route("/openapi.json", openapi),
         Route("/.well-known/mercure", hub_endpoint, methods=["GET", "HEAD", "POST"]),
         *SubscriptionsAPI(hub, access).routes(),

@@ -1,6 +1,6 @@
 """What operators and their tools read: `/healthz` (liveness and a few numbers as JSON) and
-`/metrics` (Prometheus text). Both only read counters the hub and the change feed keep in
-memory: no lock, no await, so a busy hub still answers them at once."""
+`/metrics` (Prometheus text). Both only read counters the hub, the change feed and the chat
+keep in memory: no lock, no await, so a busy hub still answers them at once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from tidings.chat import ChatService
 from tidings.feeds.base import ChangeFeed, StatusReporting
 from tidings.hub.hub import Hub, Metrics
 from tidings.version import __version__
@@ -20,9 +21,11 @@ __all__ = ["Ops"]
 
 
 class Ops:
-    def __init__(self, hub: Hub, feed: ChangeFeed | None = None) -> None:
+    def __init__(self, hub: Hub, feed: ChangeFeed | None = None,
+                 chat: ChatService | None = None) -> None:
         self.hub = hub
         self.feed = feed
+        self.chat = chat
         self.started = time.time()
 
     def routes(self) -> list[Route]:
@@ -47,6 +50,7 @@ class Ops:
                getattr(hub.metrics, counter.name)) for counter in dataclasses.fields(Metrics)),
         ]
         lines += self._feed_lines()
+        lines += self._chat_lines()
         text = "".join(
             f"# HELP {name.split('{')[0]} {help_}\n# TYPE {name.split('{')[0]} {kind}\n"
             f"{name} {value}\n"
@@ -80,4 +84,30 @@ class Ops:
                 "Logical decoding: bytes of WAL the replication slot keeps behind the "
                 "server's current position (bounded by max_slot_wal_keep_size).",
                 status.slot_lag_bytes))
+        return lines
+
+    def _chat_lines(self) -> list[tuple[str, str, str, object]]:
+        """The chat's: which process relays its outbox, how far, and how busy this one is."""
+        if self.chat is None:
+            return []
+        status = self.chat.status()
+        lines: list[tuple[str, str, str, object]] = [
+            (f'tidings_chat_info{{store="{status.store}"}}', "gauge",
+             "The chat: where it keeps its tables.", 1),
+            ("tidings_chat_relay_leading", "gauge",
+             "1 when this process relays the chat's outbox to the hub (one process does).",
+             int(status.relay_leading)),
+            ("tidings_chat_relay_published_position", "gauge",
+             "The newest outbox row this process's relay published.",
+             status.relay_published),
+            ("tidings_chat_streams", "gauge",
+             "Chat streams (signed-in windows) open on this process.", status.streams),
+            ("tidings_chat_messages_posted_total", "counter",
+             "Messages posted through this process.", status.messages_posted),
+        ]
+        if status.processes is not None:
+            lines.append((
+                "tidings_chat_cluster_processes", "gauge",
+                "Chat processes on these tables alive at this process's last heartbeat.",
+                status.processes))
         return lines
