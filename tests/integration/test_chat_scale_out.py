@@ -232,3 +232,45 @@ async def test_metrics_show_one_relay_and_who_takes_over(start: Start) -> None:
                     and await values("tidings_chat_cluster_processes", other) == [1])
 
         await eventually(taken_over, 15, "the other process relays and counts itself alone")
+
+
+@postgres_only
+async def test_a_reply_ended_elsewhere_gets_no_more_text(start: Start) -> None:
+    """A stalls (SIGSTOP) past two heartbeats while it streams a reply: B's sweep takes
+    it for gone and ends the reply as failed. When A runs again and its endpoint sends
+    more, A appends nothing (no delta after the end, the stored text is the one the end
+    announced) and hangs up."""
+    async with fake_llm() as fake, httpx.AsyncClient(timeout=10) as ops:
+        fake.mode = "gated"
+        args = ("--assistant-url", fake.url, "--assistant-model", "m")
+        b = start(*args)
+
+        async def b_relays() -> bool:  # so that the relay runs on while A is stopped
+            return await metric(ops, b, "tidings_chat_relay_leading") == 1
+
+        await eventually(b_relays, 15, "B relays")
+        a = start(*args)
+        assert a.proc is not None
+        async with users(a.url, "alice") as (alice,), on(alice, b) as alice_b, \
+                stream(alice_b, "/chat/rooms/general") as seen:
+            await alice.post("/api/rooms/general/messages",
+                             json={"content": "@assistant say hello"})  # streams on A
+            message_id = (await reply_created(seen))["message"]["id"]
+            fake.release()
+            assert (await next_of(seen, "message.delta"))["text"] == CHUNKS[0]
+            a.proc.send_signal(signal.SIGSTOP)
+            try:
+                ended = await next_of(seen, "message.completed", timeout_s=15)
+            finally:
+                a.proc.send_signal(signal.SIGCONT)
+            assert ended["message"]["id"] == message_id
+            assert ended["message"]["assistant"]["state"] == "failed"
+            assert ended["message"]["content"] == CHUNKS[0]
+
+            fake.release()  # A's endpoint goes on: A finds the reply ended, hangs up
+            await asyncio.wait_for(fake.disconnected.wait(), 10)
+            history = (await alice_b.get("/api/rooms/general/messages")).json()["messages"]
+            stored = next(m for m in history if m["id"] == message_id)
+            assert stored == ended["message"]
+            with pytest.raises(TimeoutError):
+                await next_of(seen, "message.delta", timeout_s=1.0)

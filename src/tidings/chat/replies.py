@@ -15,7 +15,9 @@ wait in the socket, and the next read takes them all.
 
 A reply always ends: the endpoint's errors, silence past `--assistant-timeout`, the asker's
 Stop, a restart (replies still streaming at start are marked failed) and shutdown each
-store a final state. No polling: one task per reply, cancelled to stop it.
+store a final state. No polling: one task per reply, cancelled to stop it. The first end
+wins, and nothing is appended after it: a delta is written only while the reply's row
+says it streams.
 
 On several processes (`cluster.py`) the process streaming a reply claims it: a process
 that starts marks failed only the streaming replies nobody claims, and the replies of a
@@ -154,8 +156,11 @@ class Replies:
                 async for piece in pieces:
                     room = MAX_MESSAGE_LENGTH - offset
                     text = piece[:room]
-                    await self._store.append_reply(message.id, message.conversation,
-                                                   offset, text)
+                    if not await self._store.append_reply(message.id, message.conversation,
+                                                          offset, text):
+                        log.info("assistant: reply %s was ended elsewhere; it stops here",
+                                 message.id)
+                        break  # (its end is stored: the `_finish` below changes nothing)
                     offset += len(text)
                     if len(piece) >= room:
                         note = f"cut at {MAX_MESSAGE_LENGTH} characters"

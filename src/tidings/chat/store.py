@@ -739,16 +739,27 @@ class ChatStore:
         return message
 
     async def append_reply(self, message_id: int, conv: Conversation, offset: int,
-                           text: str) -> None:
-        """Append to a streaming reply, with its `message.delta`, in one commit."""
-        await self._write(self._append_reply(message_id, conv, offset, text))
+                           text: str) -> bool:
+        """Append to a streaming reply, with its `message.delta`, in one commit. False, and
+        nothing written, once the reply has ended: another process may end it (a Stop
+        that its process did not answer in time, the sweep of a process taken for gone)
+        while this one still streams."""
+        return await self._write(self._append_reply(message_id, conv, offset, text))
 
     @staticmethod
     def _append_reply(message_id: int, conv: Conversation, offset: int,
-                      text: str) -> Op[None]:
+                      text: str) -> Op[bool]:
+        # On PostgreSQL the reply's row is locked first: an end committing meanwhile
+        # either waits for this delta or is seen by it. Never a delta after the end.
+        streaming = yield rows(
+            "SELECT 1 FROM chat_replies WHERE id = ? AND state = 'streaming'", message_id,
+            pg="SELECT 1 FROM chat_replies WHERE id = ? AND state = 'streaming' FOR UPDATE")
+        if not streaming.rows:
+            return False
         yield count("UPDATE chat_messages SET content = content || CAST(? AS TEXT) "
                     "WHERE id = ?", text, message_id)
         yield events.message_delta(message_id, conv, offset, text)
+        return True
 
     async def finish_reply(self, message_id: int, state: str, note: str | None) -> Message:
         """End a streaming reply (with its `message.completed`). A reply that has ended
