@@ -40,6 +40,7 @@ __all__ = [
     "CLOSE_TIMEOUT_S",
     "COMMAND_TIMEOUT_S",
     "CONNECT_TIMEOUT_S",
+    "LEADER_IDLE_LIMIT_S",
     "UNAVAILABLE",
     "BrokenConnection",
     "Connection",
@@ -72,6 +73,10 @@ CONNECT_TIMEOUT_S = 3.0
 # wait on a lock for milliseconds.
 COMMAND_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
+# A leader's session that stays idle this long is ended by PostgreSQL (`leading`). Every
+# leader queries its connection at least every 5 s while it leads (the relay's and the
+# tailers' rechecks), so only one that has stopped running lasts that long.
+LEADER_IDLE_LIMIT_S = 15.0
 _POOL_MAX = 10
 # Query parameters of a Tidings URL that are not server settings for asyncpg.
 _OWN_PARAMS = ("namespace",)
@@ -301,9 +306,21 @@ async def leading(
     another session holds it (logging `standing_by` once), and LISTENs on `channel` (if
     any); `wake` is set by a notification and by the connection's end. Closed on leaving, which
     releases the lock (so does the session's end, however the process ends): another
-    process waiting for it takes over."""
+    process waiting for it takes over.
+
+    A leader that stops running without dying (a stopped or frozen process or VM, an event
+    loop blocked) would keep the lock, and stall what it leads for everyone, as long as
+    it stays so: PostgreSQL (14 and later) ends its session once it has been idle (in a
+    transaction or not) for LEADER_IDLE_LIMIT_S, and the lock goes to a process waiting
+    for it. A leader that runs
+    again finds its connection closed, and waits its turn as any other."""
     conn = await connect(dsn, command_timeout=None, application_name=application_name)
     try:
+        await conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', $1, false), "
+            "set_config('idle_session_timeout', $1, false) "
+            "WHERE current_setting('server_version_num')::int >= 140000",
+            f"{int(LEADER_IDLE_LIMIT_S * 1000)}ms", timeout=COMMAND_TIMEOUT_S)
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key,
                                    timeout=COMMAND_TIMEOUT_S):
             log.info("%s", standing_by)

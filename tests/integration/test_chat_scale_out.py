@@ -22,6 +22,7 @@ from tests.integration.test_assistant import CHUNKS, fake_llm, reply_created
 from tests.integration.test_chat import next_of, stream, users
 from tests.integration.test_lifecycle import eventually, metric
 from tests.services import REDIS_URL, require
+from tidings.pgdb import LEADER_IDLE_LIMIT_S
 
 pytestmark = pytest.mark.anyio
 postgres_only = pytest.mark.parametrize("chat_db", ["postgres"], indirect=True)
@@ -274,3 +275,39 @@ async def test_a_reply_ended_elsewhere_gets_no_more_text(start: Start) -> None:
             assert stored == ended["message"]
             with pytest.raises(TimeoutError):
                 await next_of(seen, "message.delta", timeout_s=1.0)
+
+
+@postgres_only
+async def test_a_stalled_relay_is_taken_over(start: Start) -> None:
+    """The relaying process stops running without dying (SIGSTOP): PostgreSQL ends its
+    idle session after LEADER_IDLE_LIMIT_S, so the other process relays and a message
+    posted meanwhile reaches a window. Run again, the stalled one stands by; nothing is
+    doubled."""
+    b = start()
+    async with httpx.AsyncClient(timeout=10) as ops:
+
+        async def relays(server: HubProcess, leading: int) -> bool:
+            return await metric(ops, server, "tidings_chat_relay_leading") == leading
+
+        await eventually(lambda: relays(b, 1), 15, "B relays")
+        a = start()
+        assert b.proc is not None
+        async with users(a.url, "alice") as (alice,), \
+                httpx.AsyncClient(base_url=a.url, cookies=alice.cookies,
+                                  timeout=httpx.Timeout(10, read=60)) as window, \
+                stream(window, "/chat/rooms/general") as seen:  # waits past the limit
+            b.proc.send_signal(signal.SIGSTOP)
+            try:
+                reply = await alice.post("/api/rooms/general/messages",
+                                         json={"content": "while the relay is stopped"})
+                assert reply.status_code == 201, reply.text
+                created = await next_of(seen, "message.created",
+                                        timeout_s=LEADER_IDLE_LIMIT_S + 15)
+                assert created["message"]["content"] == "while the relay is stopped"
+                assert await relays(a, 1)
+            finally:
+                b.proc.send_signal(signal.SIGCONT)
+            await eventually(lambda: relays(b, 0), 15, "B runs again and stands by")
+            reply = await alice.post("/api/rooms/general/messages", json={"content": "after"})
+            assert reply.status_code == 201, reply.text
+            assert (await next_of(seen, "message.created"))["message"]["content"] == "after"
