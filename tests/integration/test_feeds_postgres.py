@@ -44,6 +44,7 @@ from tests.integration.feed_backends import (
     watch,
 )
 from tests.services import unavailable
+from tidings.pgdb import LEADER_IDLE_LIMIT_S
 from tidings.sse import Event
 
 pytestmark = pytest.mark.anyio
@@ -172,9 +173,12 @@ async def test_watch_needs_a_table_with_a_key(pg: PostgresDB) -> None:
             assert payload(await stream.next(timeout_s=5))["documentKey"] == {"a": "x"}
 
 
-async def test_one_tailer_among_servers_and_failover(pg: PostgresDB) -> None:
+@pytest.mark.parametrize("failure", ["killed", "stalled"])
+async def test_one_tailer_among_servers_and_failover(pg: PostgresDB, failure: str) -> None:
     """Two servers on one schema: one tails (a session-level advisory lock), the other
-    stands by, serves reads and resumes watches, and takes over when the first dies."""
+    stands by, serves reads and resumes watches, and takes over when the first dies
+    (SIGKILL) or stops running (SIGSTOP: PostgreSQL ends its idle session after
+    LEADER_IDLE_LIMIT_S). A stalled one run again stands by; nothing is stored twice."""
     first = pg.start()
     await eventually(lambda: _sessions_are(pg, (1, 0)))
     second = pg.start()
@@ -187,13 +191,26 @@ async def test_one_tailer_among_servers_and_failover(pg: PostgresDB) -> None:
                              "x1", json.dumps({"username": "b", "content": "1"}))
             assert payload(await stream.next(timeout_s=5))["documentKey"] == {"id": "x1"}
 
-            first.stop(signal.SIGKILL)
-            await eventually(lambda: _sessions_are(pg, (1, 0)))  # the second took over
-            await pg.execute("INSERT INTO messages (id, doc) VALUES ($1, $2::jsonb)",
-                             "x2", json.dumps({"username": "b", "content": "2"}))
-            assert payload(await stream.next(timeout_s=5))["documentKey"] == {"id": "x2"}
+            assert first.proc is not None
+            if failure == "killed":
+                first.stop(signal.SIGKILL)
+            else:
+                first.proc.send_signal(signal.SIGSTOP)
+            try:
+                await eventually(lambda: _sessions_are(pg, (1, 0)),  # the second took over
+                                 timeout_s=LEADER_IDLE_LIMIT_S + 15)
+                await pg.execute("INSERT INTO messages (id, doc) VALUES ($1, $2::jsonb)",
+                                 "x2", json.dumps({"username": "b", "content": "2"}))
+                assert payload(await stream.next(timeout_s=5))["documentKey"] == {"id": "x2"}
+            finally:
+                if failure == "stalled":
+                    first.proc.send_signal(signal.SIGCONT)
+            if failure == "stalled":
+                await eventually(lambda: _sessions_are(pg, (1, 1)))  # it stands by
             assert await stream.nothing_within(0.3)
-    stored = await pg.fetch("SELECT id, count(*) AS n FROM tidings_updates GROUP BY id")
+    # (The chat's sweep announces presence when the stalled process expires: not counted.)
+    stored = await pg.fetch("SELECT id, count(*) AS n FROM tidings_updates "
+                            "WHERE topics ? '/collections/messages' GROUP BY id")
     assert len(stored) == 3 and all(r["n"] == 1 for r in stored)
 
 
