@@ -207,3 +207,35 @@ async def _relays(chat_db: str, expected: tuple[int, int]) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_task_s_progress_never_goes_back_and_its_end_is_final(chat_db: str) -> None:
+    """Two runs of one export (a process taken for gone that runs again after another
+    took the export over) write progress into one row: what is shown never goes back, and
+    after the end nothing changes and nothing more is announced."""
+    store = ChatStore(chat_db)
+    await store.start()
+    try:
+        await store.create_task("alice.t1", "alice", "general", "json")
+        await store.task_progress("alice.t1", "running", 60, "read 60")
+        await store.task_progress("alice.t1", "running", 30, "read 30")  # the other run
+        assert ((await store.task("alice.t1")).percent, (await store.task("alice.t1")).step) \
+            == (60, "read 60")
+        await store.task_progress("alice.t1", "completed", 100, "done", result=b"[]")
+        await store.task_progress("alice.t1", "running", 97, "writing the file")
+        await store.task_progress("alice.t1", "failed", 0, "failed", error="late")
+        task = await store.task("alice.t1")
+        assert (task.state, task.percent, task.error) == ("completed", 100, None)
+        announced = await store.database.run("read", _task_events("alice.t1"))
+        assert announced == [("task.progress", "queued", 0), ("task.progress", "running", 60),
+                             ("task.completed", "completed", 100)]
+    finally:
+        await store.stop()
+
+
+def _task_events(task_id: str) -> Op[list[tuple[str, str, int]]]:
+    found = yield rows("SELECT data FROM chat_outbox WHERE topic = ? ORDER BY seq",
+                       f"/tasks/{task_id}", pg="SELECT data FROM chat_outbox "
+                       "WHERE topic = ? ORDER BY id")
+    events = [json.loads(str(row[0])) for row in found.rows]
+    return [(event["type"], event["state"], event["percent"]) for event in events]

@@ -888,14 +888,22 @@ class ChatStore:
 
     async def task_progress(self, task_id: str, state: str, percent: int, step: str,
                             *, result: bytes | None = None, error: str | None = None) -> None:
+        """Record (and announce) a task's progress or end. Its end is final and its
+        progress never goes back: two runs of one export (a process taken for gone runs
+        again after another took its export over, or a restart) show one course."""
         await self._write(self._task_progress(task_id, state, percent, step, result, error))
 
     @staticmethod
     def _task_progress(task_id: str, state: str, percent: int, step: str,
                        result: bytes | None, error: str | None) -> Op[None]:
-        yield count("UPDATE chat_tasks SET state = ?, percent = ?, step = ?, "
-                    "result = COALESCE(?, result), error = ? WHERE id = ?",
-                    state, percent, step, result, error, task_id)
+        ending = state in ("completed", "failed")
+        changed = (yield count(
+            "UPDATE chat_tasks SET state = ?, percent = ?, step = ?, "
+            "result = COALESCE(?, result), error = ? WHERE id = ? "
+            "AND state IN ('queued', 'running') AND (? OR percent <= ?)",
+            state, percent, step, result, error, task_id, ending, percent)).count
+        if not changed:
+            return
         fields: dict[str, object] = {"state": state, "percent": percent, "step": step}
         kind = "progress"
         if state == "completed":
