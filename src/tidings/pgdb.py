@@ -312,8 +312,8 @@ async def leading(
     loop blocked) would keep the lock, and stall what it leads for everyone, as long as
     it stays so: PostgreSQL (14 and later) ends its session once it has been idle (in a
     transaction or not) for LEADER_IDLE_LIMIT_S, and the lock goes to a process waiting
-    for it. A leader that runs
-    again finds its connection closed, and waits its turn as any other."""
+    for it. A leader that runs again finds its connection closed, and waits its turn as
+    any other."""
     conn = await connect(dsn, command_timeout=None, application_name=application_name)
     try:
         await conn.execute(

@@ -244,12 +244,7 @@ async def test_a_reply_ended_elsewhere_gets_no_more_text(start: Start) -> None:
     async with fake_llm() as fake, httpx.AsyncClient(timeout=10) as ops:
         fake.mode = "gated"
         args = ("--assistant-url", fake.url, "--assistant-model", "m")
-        b = start(*args)
-
-        async def b_relays() -> bool:  # so that the relay runs on while A is stopped
-            return await metric(ops, b, "tidings_chat_relay_leading") == 1
-
-        await eventually(b_relays, 15, "B relays")
+        b = await start_relaying(start, ops, *args)  # it relays on while A is stopped
         a = start(*args)
         assert a.proc is not None
         async with users(a.url, "alice") as (alice,), on(alice, b) as alice_b, \
@@ -283,13 +278,12 @@ async def test_a_stalled_relay_is_taken_over(start: Start) -> None:
     idle session after LEADER_IDLE_LIMIT_S, so the other process relays and a message
     posted meanwhile reaches a window. Run again, the stalled one stands by; nothing is
     doubled."""
-    b = start()
     async with httpx.AsyncClient(timeout=10) as ops:
 
         async def relays(server: HubProcess, leading: int) -> bool:
             return await metric(ops, server, "tidings_chat_relay_leading") == leading
 
-        await eventually(lambda: relays(b, 1), 15, "B relays")
+        b = await start_relaying(start, ops)
         a = start()
         assert b.proc is not None
         async with users(a.url, "alice") as (alice,), \
@@ -311,3 +305,15 @@ async def test_a_stalled_relay_is_taken_over(start: Start) -> None:
             reply = await alice.post("/api/rooms/general/messages", json={"content": "after"})
             assert reply.status_code == 201, reply.text
             assert (await next_of(seen, "message.created"))["message"]["content"] == "after"
+
+
+async def start_relaying(start: Start, ops: httpx.AsyncClient, *args: str) -> HubProcess:
+    """A server started (with `args`) and waited for until it relays: the first on the
+    schema, so the relay stays with it while others start."""
+    server = start(*args)
+
+    async def relays() -> bool:
+        return await metric(ops, server, "tidings_chat_relay_leading") == 1
+
+    await eventually(relays, 15, "the first server relays")
+    return server
