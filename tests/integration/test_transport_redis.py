@@ -394,6 +394,23 @@ async def test_a_lost_history_is_told_once_and_seqs_stay_above_it(
 
 
 @pytest.mark.anyio
+async def test_newest_entries_lost_under_newer_ones_are_a_lost_history(
+    opener: Opener, raw: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis back from an `appendfsync everysec` file that missed its last writes, and an
+    append before the tail reconnects: the stream's last id is above what the tail read,
+    but the entries it read last are gone while older ones remain."""
+    t = await opener()
+    stored = [await t.append(update(i)) for i in range(4)]
+    await raw.xdel(f"{namespace}:updates", *(entry_id_from_seq(u.seq) for u in stored[2:]))
+    fresh = await t.append(update(4))
+    caplog.set_level(logging.WARNING, logger="tidings.transports.redis")
+    assert [u.id for u in await first_items(t, stored[3].seq, 1)] == [fresh.id]
+    lost = [r.getMessage() for r in caplog.records if "lost the history" in r.getMessage()]
+    assert len(lost) == 1 and f"up to seq {stored[3].seq}" in lost[0]
+
+
+@pytest.mark.anyio
 async def test_history_removed_by_retention_is_not_a_lost_history(
     opener: Opener, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,9 +16,10 @@ update it acknowledged, and the tail carries on from its last seq. Without persi
 comes back empty (a reset). To notice, each namespace carries an epoch, `NAME:epoch`, a
 random value written once (by whichever process comes first, and by every append if it is
 missing); a process learns it at start and, each time its tail reconnects, compares: a
-different epoch (or a stream whose last id is below what the process read, as when the
-last second of an `appendfsync everysec` file was lost) means the history it relied on
-is gone. The process says so once, then serves what is published from then on. A
+different epoch, a stream whose last id is below what the process read, or one that no
+longer holds the entry the process read last while it holds older ones (both as when
+the last writes to an `appendfsync everysec` file were lost) means the history it relied
+on is gone. The process says so once, then serves what is published from then on. A
 subscriber resuming from an id that went with the old history is told what the protocol
 says for an unknown id: `earliest`, a replay of all that remains.
 
@@ -37,7 +38,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -169,9 +170,11 @@ trim_index(math.huge)
 return removed
 """
 
-# KEYS: stream, epoch; ARGV: an epoch to propose. The namespace's epoch (written now if
-# it is missing) and the stream's last generated id ('' when there is no stream): the
-# newest entry ever added, even when retention has removed it since.
+# KEYS: stream, epoch; ARGV: an epoch to propose, the entry id the caller read through
+# ('' for none). The namespace's epoch (written now if it is missing); the stream's last
+# generated id ('' when there is no stream): the newest entry ever added, even when
+# retention has removed it since; and 0 if the caller's entry is gone while an older one
+# remains (a hole: retention removes the oldest first, so Redis lost it), else 1.
 _EPOCH = """
 redis.call('SET', KEYS[2], ARGV[1], 'NX')
 local last = ''
@@ -181,7 +184,12 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
 end
-return {redis.call('GET', KEYS[2]), last}
+local kept = 1
+if ARGV[2] ~= '' and #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) == 0
+    and #redis.call('XRANGE', KEYS[1], '-', ARGV[2], 'COUNT', 1) == 1 then
+  kept = 0
+end
+return {redis.call('GET', KEYS[2]), last, kept}
 """
 
 # ARGV: id. Returns {entry id, fields} of the newest use of the id, or nil.
@@ -310,7 +318,7 @@ class RedisTransport:
         self._outage.ok(began)
 
     async def start(self) -> None:
-        self._epoch, _ = await self._read_epoch()
+        self._epoch, _, _ = await self._read_epoch()
         with self._bus():
             newest = cast(
                 list[tuple[bytes, object]], await self._client.xrevrange(self._stream, count=1)
@@ -421,21 +429,27 @@ class RedisTransport:
                     self._last_seq = max(self._last_seq, update.seq)
                     yield update
 
-    async def _read_epoch(self) -> tuple[bytes, bytes]:
-        """The namespace's epoch (proposing ours if there is none) and the stream's last
-        generated entry id (b"" without a stream)."""
+    async def _read_epoch(self, after: int = 0) -> tuple[bytes, bytes, bool]:
+        """The namespace's epoch (proposing ours if there is none), the stream's last
+        generated entry id (b"" without a stream), and whether the entry of seq `after`
+        is still there or went the way of retention (not a hole)."""
+        read_through = entry_id_from_seq(after) if after > 0 else ""
         with self._bus():
-            epoch, last = cast(list[bytes], await self._epoch_script(
-                keys=[self._stream, self._keys[3]], args=[secrets.token_hex(8)]))
-        return epoch, last
+            reply = cast(list[Any], await self._epoch_script(
+                keys=[self._stream, self._keys[3]], args=[secrets.token_hex(8), read_through]))
+        epoch, last, kept = reply
+        return epoch, last, kept == 1
 
     async def _check_continuity(self, after: int) -> None:
         """Say so (once: this runs when the tail starts) if the history this process read
         up to seq `after` is gone. The tail then goes on from there: what is in the stream
         now was published after the loss and has a greater seq (see the module docstring)."""
-        epoch, last = await self._read_epoch()
+        epoch, last, kept = await self._read_epoch(after)
         known, self._epoch = self._epoch, epoch
-        behind = after > 0 and (not last or seq_from_entry_id(last) < after)
+        # A stream behind what was read lost its newest entries; one that lost the entry
+        # read last but has newer ones took appends after losing it (Redis back from an
+        # `everysec` file that missed its last writes, before this tail reconnected).
+        behind = after > 0 and (not last or seq_from_entry_id(last) < after or not kept)
         if epoch != known or behind:
             log.warning(
                 "%s lost the history this process had read up to seq %s (restarted without"
