@@ -301,6 +301,7 @@ async def leading(
     *,
     application_name: str,
     standing_by: str,
+    idle_limit_s: float = LEADER_IDLE_LIMIT_S,
 ) -> AsyncIterator[Connection]:
     """A connection of its own that holds the session advisory lock `key`, waiting while
     another session holds it (logging `standing_by` once), and LISTENs on `channel` (if
@@ -311,16 +312,16 @@ async def leading(
     A leader that stops running without dying (a stopped or frozen process or VM, an event
     loop blocked) would keep the lock, and stall what it leads for everyone, as long as
     it stays so: PostgreSQL (14 and later) ends its session once it has been idle (in a
-    transaction or not) for LEADER_IDLE_LIMIT_S, and the lock goes to a process waiting
-    for it. A leader that runs again finds its connection closed, and waits its turn as
-    any other."""
+    transaction or not) for `idle_limit_s`, and the lock goes to a process waiting for
+    it. A leader that runs again finds its connection closed, and waits its turn as any
+    other. So a leader must query its connection more often than that while it leads."""
     conn = await connect(dsn, command_timeout=None, application_name=application_name)
     try:
         await conn.execute(
             "SELECT set_config('idle_in_transaction_session_timeout', $1, false), "
             "set_config('idle_session_timeout', $1, false) "
             "WHERE current_setting('server_version_num')::int >= 140000",
-            f"{int(LEADER_IDLE_LIMIT_S * 1000)}ms", timeout=COMMAND_TIMEOUT_S)
+            f"{int(idle_limit_s * 1000)}ms", timeout=COMMAND_TIMEOUT_S)
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key,
                                    timeout=COMMAND_TIMEOUT_S):
             log.info("%s", standing_by)

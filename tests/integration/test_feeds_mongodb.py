@@ -23,6 +23,7 @@ from bson import ObjectId
 from tests.conftest import KEY, open_stream, token
 from tests.integration.feed_backends import MongoFeedDB, eventually, payload, watch
 from tests.services import POSTGRES_URL, require
+from tidings.feeds.mongodb.pgstate import PostgresStates
 
 pytestmark = pytest.mark.anyio
 
@@ -254,6 +255,28 @@ async def test_two_processes_one_killed(mongodb: MongoFeedDB) -> None:
         assert len(stored) == 3 and all(r["n"] == 1 for r in stored)
     finally:
         await conn.execute("SET lock_timeout = '20s'")
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+async def test_a_running_holder_keeps_its_lease_and_a_stalled_one_loses_it() -> None:
+    """PostgreSQL ends a leading session that stays idle for the limit (`pgdb.leading`),
+    so that a stalled holder's lease passes on; a holder that runs keeps its own past the
+    limit. (A limit of 1 s here; 15 s in `tidings serve`.)"""
+    base = require(POSTGRES_URL)
+    schema = "tm_" + uuid.uuid4().hex[:12]
+    conn = await asyncpg.connect(base)
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    states = PostgresStates(f"{base}?search_path={schema}", idle_limit_s=1.0)
+    await states.open()
+    try:
+        async with states.lease("orders") as lost:
+            await asyncio.sleep(3.0)
+            assert not lost.is_set()
+            time.sleep(2.0)  # the event loop blocked: a stalled holder
+            await asyncio.wait_for(lost.wait(), 5)
+    finally:
+        await states.close()
         await conn.execute(f"DROP SCHEMA {schema} CASCADE")
         await conn.close()
 
