@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["Outage"]
+__all__ = ["Outage", "OutageHealth"]
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,14 @@ _CONSEQUENCE = "publishes answer 503 until it is back"
 class Outage:
     """The state of one storage: up, or down since when and how many operations failed."""
 
-    __slots__ = ("_clock", "_failures", "_since", "what")
+    __slots__ = ("_clock", "_failures", "_since", "outages", "what")
 
     def __init__(self, what: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
         self._clock = clock
         self._since: float | None = None
         self._failures = 0
+        self.outages = 0  # how many began (what `/metrics` counts)
 
     @property
     def down(self) -> bool:
@@ -49,6 +50,7 @@ class Outage:
         if self._since is not None:
             return False
         self._since = self._clock()
+        self.outages += 1
         log.warning("%s is unavailable (%s): %s", self.what, reason,
                     consequence or _CONSEQUENCE)
         return True
@@ -67,3 +69,22 @@ class Outage:
         # A WARNING, like the line that opened the outage: whoever sees one sees both.
         log.warning("%s is back after %.1f s (%d operations failed meanwhile)",
                     self.what, lasted_s, failures)
+
+
+class OutageHealth:
+    """`hub.transport.StorageHealth` for a transport that keeps its `Outage` as `_outage`
+    and loses nothing it stored (the Redis transport counts its lost histories)."""
+
+    _outage: Outage
+
+    @property
+    def storage_up(self) -> bool:
+        return not self._outage.down
+
+    @property
+    def storage_outages(self) -> int:
+        return self._outage.outages
+
+    @property
+    def history_losses(self) -> int:
+        return 0

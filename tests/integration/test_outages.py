@@ -38,6 +38,16 @@ UNAVAILABLE = "is unavailable ("
 BACK = "is back after"
 
 
+async def storage_metrics(client: httpx.AsyncClient, url: str) -> tuple[int, int, int]:
+    """What `/metrics` says of the hub's storage: up (1 or 0), outages begun, and
+    histories lost."""
+    text = (await client.get(url + "/metrics")).text
+    values = dict(line.split(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    up, outages, lost = (int(float(values[name])) for name in (
+        "tidings_storage_up", "tidings_storage_outages_total", "tidings_history_lost_total"))
+    return up, outages, lost
+
+
 def outage_lines(server: HubProcess, what: str) -> tuple[int, int]:
     """How often the server said `what` became unavailable, and came back."""
     lines = [line for line in server.log().splitlines() if what in line]
@@ -77,6 +87,8 @@ async def restart_under_load(hub_factory: type[HubProcess], bus: str, stop: Call
     async with httpx.AsyncClient(timeout=10) as client, Load(client, urls) as load:
         await ride_out_a_restart(load, stop, start)
         await assert_nothing_acknowledged_lost(client, load, urls, {503}, words)
+        for url in urls:
+            assert await storage_metrics(client, url) == (1, 1, 0)
     return processes
 
 
@@ -107,6 +119,8 @@ async def ride_out_a_restart(load: Load, stop: Callable[[], None], start: Callab
         # Down long enough (a second or so) for the fan-out's reconnects to back off.
         await load.until(lambda: all(len(p.refusals) >= 20 for p in load.publishers),
                          "every process refused publishes")
+        for p in load.publishers:
+            assert (await storage_metrics(p.client, p.url))[0] == 0, "storage said up"
     finally:
         await asyncio.to_thread(start)
     mark = [len(p.acked) for p in load.publishers]
@@ -185,6 +199,8 @@ async def test_redis_coming_back_empty_is_noticed_and_served_through(
         reply = await publish(client, a.url, TOPIC, "last", id="last")
         assert reply.status_code == 200
         await load.until(lambda: all(f.ids[-1:] == ["last"] for f in load.followers), "last")
+        for url in (a.url, b.url):
+            assert await storage_metrics(client, url) == (1, 1, 1)
     for process in (a, b):
         log = process.log()
         assert log.count("lost the history this process had read") == 1, log
@@ -266,6 +282,7 @@ async def test_a_full_disk_refuses_publishes_and_keeps_what_was_acknowledged(
         load.publish()
         try:
             await load.until(lambda: len(load.refusals) >= 5, "publishes refused")
+            assert await storage_metrics(client, hub.url) == (0, 1, 0)
         finally:
             await asyncio.to_thread(full_disk.free, hub.pid)
         mark = len(load.acked)
@@ -273,4 +290,5 @@ async def test_a_full_disk_refuses_publishes_and_keeps_what_was_acknowledged(
         await load.stop_publishing()
         await assert_nothing_acknowledged_lost(client, load, [hub.url], {full_disk.status},
                                                full_disk.words)
+        assert await storage_metrics(client, hub.url) == (1, 1, 0)
     assert outage_lines(hub, "the hub's history database") == (1, 1), hub.log()

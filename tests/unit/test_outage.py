@@ -56,8 +56,10 @@ def test_a_second_outage_is_told_again_with_its_own_consequence(
     outage.failed("full")
     outage.ok()
     outage.failed("full", consequence="publishes answer 507")
+    outage.failed("full")
     assert messages(caplog)[-1] == "the disk is unavailable (full): publishes answer 507"
     assert "(1 operations failed" in messages(caplog)[1]
+    assert outage.outages == 2  # outages begun, not operations failed
 
 
 def test_an_operation_under_way_when_the_outage_began_does_not_end_it(

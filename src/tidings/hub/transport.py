@@ -8,7 +8,8 @@ other.
 
 What only some callers need (history housekeeping, which the hub never calls) is a separate
 small protocol, `HistoryBounds`, as Mercure keeps listing and health apart from its
-four-method transport; so is `BatchAppend`, storing many updates in one go.
+four-method transport; so are `BatchAppend`, storing many updates in one go, and
+`StorageHealth`, what operators are told of storage that can go away.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 from tidings.hub.update import Update
 
-__all__ = ["BatchAppend", "HistoryBounds", "Transport"]
+__all__ = ["BatchAppend", "HistoryBounds", "StorageHealth", "Transport"]
 
 
 class Transport(Protocol):
@@ -83,4 +84,26 @@ class BatchAppend(Protocol):
     async def append_many(self, updates: Sequence[Update]) -> list[Update]:
         """`append` each, in this order. What is stored when it raises is a prefix of
         `updates` (so appending them all again stores each once, in order)."""
+        ...
+
+
+@runtime_checkable
+class StorageHealth(Protocol):
+    """A transport on storage that can go away (a bus, a database server): what `/metrics`
+    tells operators, from memory (no I/O)."""
+
+    @property
+    def storage_up(self) -> bool:
+        """False from an operation's failure to the next one that works (an outage)."""
+        ...
+
+    @property
+    def storage_outages(self) -> int:
+        """Outages begun since this process started."""
+        ...
+
+    @property
+    def history_losses(self) -> int:
+        """Times the storage came back without updates this process had read (a Redis
+        restarted without persistence, or flushed); 0 where storage keeps what it took."""
         ...

@@ -54,7 +54,7 @@ from typing import cast
 
 from tidings.errors import BadRequest, ServiceUnavailable, TidingsError, TransportClosed
 from tidings.hub.update import Update
-from tidings.outage import Outage
+from tidings.outage import Outage, OutageHealth
 from tidings.pgdb import (
     BROKEN,
     CLOSE_TIMEOUT_S,
@@ -116,7 +116,7 @@ def _deleted(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-class PostgresTransport:
+class PostgresTransport(OutageHealth):
     """History in a PostgreSQL table shared by every process; appends serialized by an
     advisory lock so that seq follows commit order; `tail` woken by LISTEN/NOTIFY."""
 

@@ -48,7 +48,7 @@ from redis.exceptions import RedisError
 
 from tidings.errors import BadRequest, ServiceUnavailable, TransportClosed
 from tidings.hub.update import Update
-from tidings.outage import Outage
+from tidings.outage import Outage, OutageHealth
 
 __all__ = ["RedisTransport", "entry_id_from_seq", "seq_from_entry_id"]
 
@@ -256,7 +256,7 @@ def _split_url(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), namespace
 
 
-class RedisTransport:
+class RedisTransport(OutageHealth):
     """History and fan-out on one Redis stream shared by every process of a namespace."""
 
     def __init__(
@@ -295,6 +295,7 @@ class RedisTransport:
         self._epoch_script = self._client.register_script(_EPOCH)
         self._where = f"Redis at {_describe(redis_url)} (namespace {self.namespace})"
         self._outage = Outage(self._where)
+        self._losses = 0
         self._last_seq = 0
         self._closed = False
 
@@ -316,6 +317,10 @@ class RedisTransport:
                 " try again later"
             ) from exc
         self._outage.ok(began)
+
+    @property
+    def history_losses(self) -> int:  # (StorageHealth's, with OutageHealth's others)
+        return self._losses
 
     async def start(self) -> None:
         self._epoch, _, _ = await self._read_epoch()
@@ -451,6 +456,7 @@ class RedisTransport:
         # `everysec` file that missed its last writes, before this tail reconnected).
         behind = after > 0 and (not last or seq_from_entry_id(last) < after or not kept)
         if epoch != known or behind:
+            self._losses += 1
             log.warning(
                 "%s lost the history this process had read up to seq %s (restarted without"
                 " persistence, or flushed): those updates are gone; a subscriber resuming"

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 from tidings.errors import InsufficientStorage, TransportClosed
 from tidings.hub.update import Update
-from tidings.outage import Outage
+from tidings.outage import Outage, OutageHealth
 from tidings.sqlitedb import storage_error
 
 __all__ = ["SQLiteTransport"]
@@ -64,7 +64,7 @@ def _row_to_update(row: tuple[object, ...]) -> Update:
     )
 
 
-class SQLiteTransport:
+class SQLiteTransport(OutageHealth):
     """History in SQLite; `tail` is fed directly by `append` in this process."""
 
     def __init__(

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from tidings.chat import ChatService
 from tidings.feeds.base import ChangeFeed, StatusReporting
 from tidings.hub.hub import Hub, Metrics
+from tidings.hub.transport import StorageHealth
 from tidings.version import __version__
 
 __all__ = ["Ops"]
@@ -49,6 +50,7 @@ class Ops:
             *((counter.metadata["name"], "counter", counter.metadata["help"],
                getattr(hub.metrics, counter.name)) for counter in dataclasses.fields(Metrics)),
         ]
+        lines += self._storage_lines()
         lines += self._feed_lines()
         lines += self._chat_lines()
         text = "".join(
@@ -57,6 +59,24 @@ class Ops:
             for name, kind, help_, value in lines
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    def _storage_lines(self) -> list[tuple[str, str, str, object]]:
+        """The hub's storage: a bus or database server that went away, a full disk."""
+        transport = self.hub.transport
+        if not isinstance(transport, StorageHealth):
+            return []
+        return [
+            ("tidings_storage_up", "gauge",
+             "0 while the hub's storage is unavailable (publishes answer 503, or 507 "
+             "for a full disk), else 1.",
+             int(transport.storage_up)),
+            ("tidings_storage_outages_total", "counter",
+             "Outages of the hub's storage since this process started.",
+             transport.storage_outages),
+            ("tidings_history_lost_total", "counter",
+             "Times the bus came back without updates this process had read (Redis "
+             "restarted without persistence, or flushed).", transport.history_losses),
+        ]
 
     def _feed_lines(self) -> list[tuple[str, str, str, object]]:
         """The change feed's: how it captures, whether this process tails, how far."""
