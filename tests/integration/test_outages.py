@@ -39,12 +39,14 @@ BACK = "is back after"
 
 
 async def storage_metrics(client: httpx.AsyncClient, url: str) -> tuple[int, int, int]:
-    """What `/metrics` says of the hub's storage: up (1 or 0), outages begun, and
-    histories lost."""
+    """What `/metrics` says of the hub's storage: up (1 or 0, as `/healthz` says it),
+    outages begun, and histories lost."""
     text = (await client.get(url + "/metrics")).text
     values = dict(line.split(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     up, outages, lost = (int(float(values[name])) for name in (
         "tidings_storage_up", "tidings_storage_outages_total", "tidings_history_lost_total"))
+    health = await client.get(url + "/healthz")
+    assert health.status_code == 200 and health.json()["storage"] == ("up" if up else "down")
     return up, outages, lost
 
 

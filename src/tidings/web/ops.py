@@ -33,12 +33,17 @@ class Ops:
         return [Route("/healthz", self.healthz), Route("/metrics", self.metrics)]
 
     async def healthz(self, request: Request) -> Response:
+        """Liveness: 200 while the process serves, its storage up or not (`storage`
+        says which: publishes answer 503 meanwhile, streams stay open)."""
         hub = self.hub
+        transport = hub.transport
         return JSONResponse({
             "status": "ok",
+            "storage": ("up" if not isinstance(transport, StorageHealth)
+                        or transport.storage_up else "down"),
             "version": __version__,
             "subscribers": hub.subscriber_count,
-            "last_seq": hub.transport.last_seq,
+            "last_seq": transport.last_seq,
             "uptime_s": round(time.time() - self.started, 1),
             "pid": os.getpid(),
         })
