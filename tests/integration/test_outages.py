@@ -166,6 +166,7 @@ async def test_redis_restart_with_appendonly_loses_nothing_acknowledged(
     for process in processes:
         assert outage_lines(process, "Redis at") == (1, 1), process.log()
         assert "lost the history" not in process.log()
+        assert "append-only file" not in process.log()  # appendfsync always: nothing to say
 
 
 @pytest.mark.parametrize("private_redis", ["no-persistence"], indirect=True)
@@ -206,6 +207,7 @@ async def test_redis_coming_back_empty_is_noticed_and_served_through(
     for process in (a, b):
         log = process.log()
         assert log.count("lost the history this process had read") == 1, log
+        assert log.count("keeps no append-only file (appendonly no)") == 1, log
         assert outage_lines(process, "Redis at") == (1, 1), log
 
 

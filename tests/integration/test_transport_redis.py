@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from tests.services import REDIS_URL, require
+from tests.services import REDIS_URL, PrivateRedis, require
 from tidings.errors import BadRequest, ServiceUnavailable
 from tidings.hub.update import Update
 from tidings.transports import open_transport
@@ -423,3 +423,36 @@ async def test_history_removed_by_retention_is_not_a_lost_history(
     assert [u.id for u in await first_items(t, stored[0].seq, 2)] == [u.id for u in stored[3:]]
     assert [u.id for u in await first_items(t, stored[3].seq, 1)] == [stored[4].id]
     assert not [r for r in caplog.records if "lost the history" in r.getMessage()]
+
+
+# -- what start says of Redis's persistence -----------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("private_redis", ["appendonly"], indirect=True)
+async def test_start_says_when_redis_may_lose_acknowledged_updates(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`appendfsync always` keeps every acknowledged update: nothing to say. `everysec`
+    may lose the last second or two at a crash, and no append-only file loses it all at
+    a restart: one warning at start, naming the setting."""
+    caplog.set_level(logging.WARNING, logger="tidings.transports.redis")
+    raw = Redis.from_url(private_redis.url)
+
+    async def said() -> list[str]:
+        caplog.clear()
+        transport = open_transport(f"{private_redis.url}?namespace=p")
+        await transport.start()
+        await transport.close()
+        return [r.getMessage() for r in caplog.records]
+
+    try:
+        assert await said() == []
+        await raw.config_set("appendfsync", "everysec")
+        [warning] = await said()
+        assert "appendfsync everysec" in warning and "appendfsync always" in warning
+        await raw.config_set("appendonly", "no")
+        [warning] = await said()
+        assert "(appendonly no)" in warning
+    finally:
+        await raw.aclose()

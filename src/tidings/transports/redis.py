@@ -329,6 +329,28 @@ class RedisTransport(OutageHealth):
                 list[tuple[bytes, object]], await self._client.xrevrange(self._stream, count=1)
             )
         self._last_seq = seq_from_entry_id(newest[0][0]) if newest else 0
+        await self._warn_of_persistence()
+
+    async def _warn_of_persistence(self) -> None:
+        """Say once, at start, when Redis's persistence may lose what the hub acknowledges
+        (README, "When storage goes away"). A Redis that refuses CONFIG (a hosted one, an
+        ACL) is not asked twice: it says nothing."""
+        try:
+            config = await self._client.config_get("append*")
+        except RedisError:
+            return
+        if config.get("appendonly") == "no":
+            log.warning(
+                "%s keeps no append-only file (appendonly no): a restart of Redis loses the"
+                " history (subscribers resuming get what remains). Set appendonly yes and"
+                " appendfsync always to keep every acknowledged update (see the README).",
+                self._where)
+        elif config.get("appendonly") == "yes" and config.get("appendfsync") != "always":
+            log.warning(
+                "%s writes its append-only file with appendfsync %s: a crash of Redis may"
+                " lose the last second or two of acknowledged updates. Set appendfsync"
+                " always to keep every one (see the README).",
+                self._where, config.get("appendfsync"))
 
     @property
     def last_seq(self) -> int:
