@@ -11,17 +11,19 @@ Retention: XADD's `MAXLEN ~` (count) and `XTRIM MINID ~` (age) on every append, 
 exact in `prune()`.
 
 Outages. While Redis is away every command fails fast and a publish answers 503: nothing
-is acknowledged that Redis did not take. With `appendonly yes` Redis comes back with every
-update it acknowledged, and the tail carries on from its last seq. Without persistence it
-comes back empty (a reset). To notice, each namespace carries an epoch, `NAME:epoch`, a
-random value written once (by whichever process comes first, and by every append if it is
-missing); a process learns it at start and, each time its tail reconnects, compares: a
-different epoch, a stream whose last id is below what the process read, or one that no
-longer holds the entry the process read last while it holds older ones (both as when
-the last writes to an `appendfsync everysec` file were lost) means the history it relied
-on is gone. The process says so once, then serves what is published from then on. A
-subscriber resuming from an id that went with the old history is told what the protocol
-says for an unknown id: `earliest`, a replay of all that remains.
+is acknowledged that Redis did not take. With `appendonly yes` and `appendfsync always`
+Redis comes back with every update it acknowledged, and the tail carries on from its last
+seq (with `everysec` it answers before it writes while a background fsync is slow, so a
+crash may lose the last second or two; `start` warns of either setting). Without
+persistence it comes back empty (a reset). To notice, each namespace carries an epoch,
+`NAME:epoch`, a random value written once (by whichever process comes first, and by every
+append if it is missing); a process learns it at start and, each time its tail
+reconnects, compares: a different epoch, a stream whose last id is below what the process
+read, or one that no longer holds the entry the process read last while it holds older
+ones (both as when the last writes to an `appendfsync everysec` file were lost) means the
+history it relied on is gone. The process says so once, then serves what is published
+from then on. A subscriber resuming from an id that went with the old history is told
+what the protocol says for an unknown id: `earliest`, a replay of all that remains.
 
 Seqs never go backwards across a reset: the entry ids of a new stream come from the
 server's clock, and should that clock stand behind the lost history, the append script
