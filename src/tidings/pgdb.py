@@ -302,6 +302,7 @@ async def leading(
     application_name: str,
     standing_by: str,
     idle_limit_s: float = LEADER_IDLE_LIMIT_S,
+    keep_alive: bool = False,
 ) -> AsyncIterator[Connection]:
     """A connection of its own that holds the session advisory lock `key`, waiting while
     another session holds it (logging `standing_by` once), and LISTENs on `channel` (if
@@ -314,7 +315,10 @@ async def leading(
     it stays so: PostgreSQL (14 and later) ends its session once it has been idle (in a
     transaction or not) for `idle_limit_s`, and the lock goes to a process waiting for
     it. A leader that runs again finds its connection closed, and waits its turn as any
-    other. So a leader must query its connection more often than that while it leads."""
+    other. So a leader must query its connection more often than that while it leads; one
+    that holds the lock without using the connection (a lease) says `keep_alive`, and a
+    task of this process queries it every third of the limit (so only a running process
+    keeps it)."""
     conn = await connect(dsn, command_timeout=None, application_name=application_name)
     try:
         await conn.execute(
@@ -331,9 +335,28 @@ async def leading(
         conn.add_termination_listener(lambda _conn: wake.set())
         if channel is not None:
             await conn.add_listener(channel, lambda _c, _pid, _ch, _payload: wake.set())
-        yield conn
+        keeping = (asyncio.create_task(_keep_alive(conn, idle_limit_s / 3, wake))
+                   if keep_alive else None)
+        try:
+            yield conn
+        finally:
+            if keeping is not None:
+                keeping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeping
     finally:
         await close_quietly(conn)
+
+
+async def _keep_alive(conn: Connection, every_s: float, wake: asyncio.Event) -> None:
+    """`leading`'s keep-alive: a query every `every_s` until the session is gone (`wake`
+    set: by its end, or here when a query fails)."""
+    while not wake.is_set():
+        await asyncio.sleep(every_s)
+        try:
+            await conn.execute("SELECT 1", timeout=COMMAND_TIMEOUT_S)
+        except UNAVAILABLE:
+            wake.set()
 
 
 async def close_quietly(conn: Connection) -> None:

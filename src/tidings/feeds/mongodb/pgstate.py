@@ -5,7 +5,7 @@ collection's lease is a session-level advisory lock held on a connection of its 
 the PostgreSQL feed's tailer holds its schema's: when the process dies its session ends,
 and the server grants the lock to the process waiting in `pg_advisory_lock`. So does a
 process that stops running (`pgdb.leading`: PostgreSQL ends a leading session idle for
-the limit), which is why a running holder queries its lease's connection meanwhile.
+the limit), which is why the lease keeps its connection alive while it runs.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from collections.abc import AsyncIterator
 
 from tidings.feeds.mongodb.state import CREATE_TABLE, TABLE, Saved, new_origin, saved
 from tidings.pgdb import (
-    COMMAND_TIMEOUT_S,
     LEADER_IDLE_LIMIT_S,
-    UNAVAILABLE,
-    Connection,
     Pool,
     advisory_key,
     close_pool,
@@ -87,22 +84,6 @@ class PostgresStates:
             lost, application_name=f"tidings-mongo-stream:{collection}",
             standing_by=f"MongoDB stream {collection}: another process holds it; this one "
                         "stands by",
-            idle_limit_s=self._idle_limit_s,
-        ) as conn:
-            # Nothing else uses this connection: without a query now and then PostgreSQL
-            # would end the session of a holder that runs, as it does a stalled one's.
-            keeping = asyncio.create_task(self._keep(conn, lost))
-            try:
-                yield lost
-            finally:
-                keeping.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeping
-
-    async def _keep(self, conn: Connection, lost: asyncio.Event) -> None:
-        while not lost.is_set():
-            await asyncio.sleep(self._idle_limit_s / 3)
-            try:
-                await conn.execute("SELECT 1", timeout=COMMAND_TIMEOUT_S)
-            except UNAVAILABLE:
-                lost.set()  # the session is gone, or going: so is the lease
+            idle_limit_s=self._idle_limit_s, keep_alive=True,
+        ):
+            yield lost
