@@ -320,10 +320,6 @@ class RedisTransport(OutageHealth):
             ) from exc
         self._outage.ok(began)
 
-    @property
-    def history_losses(self) -> int:  # (StorageHealth's, with OutageHealth's others)
-        return self._losses
-
     async def start(self) -> None:
         self._epoch, _, _ = await self._read_epoch()
         with self._bus():
@@ -335,8 +331,8 @@ class RedisTransport(OutageHealth):
 
     async def _warn_of_persistence(self) -> None:
         """Say once, at start, when Redis's persistence may lose what the hub acknowledges
-        (README, "When storage goes away"). A Redis that refuses CONFIG (a hosted one, an
-        ACL) is not asked twice: it says nothing."""
+        (README, "When storage goes away"). Nothing when Redis refuses CONFIG (hosted
+        ones may, and ACLs): its settings are then unknown here."""
         try:
             config = await self._client.config_get("append*")
         except RedisError:
@@ -357,6 +353,11 @@ class RedisTransport(OutageHealth):
     @property
     def last_seq(self) -> int:
         return self._last_seq
+
+    @property
+    def history_losses(self) -> int:
+        """StorageHealth's (OutageHealth has the others): lost histories told."""
+        return self._losses
 
     async def append(self, update: Update) -> Update:
         created_at = time.time()

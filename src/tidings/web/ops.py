@@ -36,14 +36,13 @@ class Ops:
         """Liveness: 200 while the process serves, its storage up or not (`storage`
         says which: publishes answer 503 meanwhile, streams stay open)."""
         hub = self.hub
-        transport = hub.transport
+        storage = self._storage()
         return JSONResponse({
             "status": "ok",
-            "storage": ("up" if not isinstance(transport, StorageHealth)
-                        or transport.storage_up else "down"),
+            "storage": "down" if storage and not storage.storage_up else "up",
             "version": __version__,
             "subscribers": hub.subscriber_count,
-            "last_seq": transport.last_seq,
+            "last_seq": hub.transport.last_seq,
             "uptime_s": round(time.time() - self.started, 1),
             "pid": os.getpid(),
         })
@@ -65,10 +64,15 @@ class Ops:
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    def _storage(self) -> StorageHealth | None:
+        """The hub's transport, if it tells its storage's health (the built-in ones do)."""
+        transport = self.hub.transport
+        return transport if isinstance(transport, StorageHealth) else None
+
     def _storage_lines(self) -> list[tuple[str, str, str, object]]:
         """The hub's storage: a bus or database server that went away, a full disk."""
-        transport = self.hub.transport
-        if not isinstance(transport, StorageHealth):
+        transport = self._storage()
+        if transport is None:
             return []
         return [
             ("tidings_storage_up", "gauge",
