@@ -279,10 +279,6 @@ async def test_a_stalled_relay_is_taken_over(start: Start) -> None:
     posted meanwhile reaches a window. Run again, the stalled one stands by; nothing is
     doubled."""
     async with httpx.AsyncClient(timeout=10) as ops:
-
-        async def relays(server: HubProcess, leading: int) -> bool:
-            return await metric(ops, server, "tidings_chat_relay_leading") == leading
-
         b = await start_relaying(start, ops)
         a = start()
         assert b.proc is not None
@@ -298,10 +294,10 @@ async def test_a_stalled_relay_is_taken_over(start: Start) -> None:
                 created = await next_of(seen, "message.created",
                                         timeout_s=LEADER_IDLE_LIMIT_S + 15)
                 assert created["message"]["content"] == "while the relay is stopped"
-                assert await relays(a, 1)
+                assert await relays(ops, a)
             finally:
                 b.proc.send_signal(signal.SIGCONT)
-            await eventually(lambda: relays(b, 0), 15, "B runs again and stands by")
+            await eventually(lambda: relays(ops, b, 0), 15, "B runs again and stands by")
             reply = await alice.post("/api/rooms/general/messages", json={"content": "after"})
             assert reply.status_code == 201, reply.text
             assert (await next_of(seen, "message.created"))["message"]["content"] == "after"
@@ -311,9 +307,10 @@ async def start_relaying(start: Start, ops: httpx.AsyncClient, *args: str) -> Hu
     """A server started (with `args`) and waited for until it relays: the first on the
     schema, so the relay stays with it while others start."""
     server = start(*args)
-
-    async def relays() -> bool:
-        return await metric(ops, server, "tidings_chat_relay_leading") == 1
-
-    await eventually(relays, 15, "the first server relays")
+    await eventually(lambda: relays(ops, server), 15, "the first server relays")
     return server
+
+
+async def relays(ops: httpx.AsyncClient, server: HubProcess, leading: int = 1) -> bool:
+    """Whether `server`'s `/metrics` says it relays the outbox (`leading` 1) or not (0)."""
+    return await metric(ops, server, "tidings_chat_relay_leading") == leading
