@@ -26,6 +26,7 @@ from typing import Protocol, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tidings.errors import ServiceUnavailable, TidingsError
+from tidings.tasks import cancel_and_wait
 
 try:
     import asyncpg
@@ -341,9 +342,7 @@ async def leading(
             yield conn
         finally:
             if keeping is not None:
-                keeping.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeping
+                await cancel_and_wait(keeping)
     finally:
         await close_quietly(conn)
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from tidings import pgdb
 from tidings.errors import ServiceUnavailable
+from tidings.tasks import cancel_and_wait
 
 __all__ = ["Cluster", "ClusterConfig", "Expired"]
 
@@ -144,11 +145,8 @@ class Cluster:
             self._run(), name="tidings-chat-cluster")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         if self._listener is not None:
             await pgdb.close_quietly(self._listener)
             self._listener = None

@@ -16,7 +16,6 @@ so any process serves them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import json
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING
 from tidings.chat.model import Conversation, Message, now_iso
 from tidings.chat.store import ChatStore, TaskRow
 from tidings.errors import TidingsError
+from tidings.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from tidings.chat.cluster import Cluster, Expired
@@ -88,11 +88,7 @@ class Exports:
         await self._resume([item for kind, item in leftovers.claims if kind == _CLAIM])
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
 
     async def submit(self, owner: str, room: str, fmt: str) -> TaskRow:
         # The owner's name and a dot: the owner's token may read `/tasks/OWNER.{id}`.

@@ -15,13 +15,14 @@ only real changes of a room's online set are published.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
+
+from tidings.tasks import cancel_and_wait
 
 __all__ = ["Connection", "Presence", "PresenceRegistry", "PresenceTracker"]
 
@@ -181,8 +182,4 @@ class PresenceTracker:
         for handle in self._handles:
             handle.cancel()
         self._handles.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)

@@ -20,7 +20,6 @@ announcement is unconditional, so the record and the windows agree again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -28,6 +27,7 @@ from tidings import pgdb
 from tidings.chat.cluster import Cluster, Expired
 from tidings.chat.presence import Connection, PresenceRegistry
 from tidings.errors import ServiceUnavailable
+from tidings.tasks import cancel_and_wait
 
 __all__ = ["SharedPresence"]
 
@@ -63,11 +63,8 @@ class SharedPresence:
         for handle in self._handles:
             handle.cancel()
         self._handles.clear()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     # -- the local side (called from the presence gate, no await) -------------------------
 

@@ -36,6 +36,7 @@ from tidings.hub.transport import BatchAppend, Transport
 from tidings.hub.update import Update
 from tidings.retry import run_with_backoff
 from tidings.sse import HEARTBEAT
+from tidings.tasks import cancel_and_wait
 
 __all__ = ["EARLIEST", "Hub", "HubConfig", "Metrics", "Subscription"]
 
@@ -205,11 +206,7 @@ class Hub:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_STOP_WAIT_S):
                 await self._no_subscribers.wait()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         await self.transport.close()
 
     @property

@@ -74,6 +74,7 @@ from tidings.pgdb import (
     split_url,
 )
 from tidings.retry import run_with_backoff
+from tidings.tasks import cancel_and_wait
 
 __all__ = ["PostgresFeed"]
 
@@ -274,10 +275,7 @@ class PostgresFeed(Documents):
 
     async def stop(self) -> None:
         listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        await cancel_and_wait(listener)
         await self._tailer.stop()
         pool, self._pool = self._pool, None
         if pool is not None:

@@ -65,6 +65,7 @@ from tidings.feeds.tailer import Entry, Tailer
 from tidings.hub.hub import EARLIEST, Hub
 from tidings.hub.update import Update
 from tidings.sqlitedb import lock_file, run_on, transaction
+from tidings.tasks import cancel_and_wait
 
 __all__ = ["CAPTURE", "SQLiteFeed"]
 
@@ -246,10 +247,7 @@ class SQLiteFeed(Documents):
     async def stop(self) -> None:
         self._running = False
         idle, self._idle = self._idle, None
-        if idle is not None:
-            idle.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await idle
+        await cancel_and_wait(idle)
         await self._tailer.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
