@@ -36,7 +36,7 @@ async def test_a_cancellation_of_the_caller_while_it_waits_goes_through() -> Non
             await asyncio.Event().wait()
         finally:
             stopping.set()
-            await asyncio.shield(asyncio.sleep(0.2))
+            await asyncio.Event().wait()  # until cancelled again: by the caller's end
 
     task = asyncio.create_task(slow_to_stop())
     await asyncio.sleep(0)
@@ -53,6 +53,7 @@ async def test_a_cancellation_of_the_caller_while_it_waits_goes_through() -> Non
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert not returned
+    assert task.cancelled()
 
 
 async def test_an_exception_a_task_ended_with_is_raised_after_all_have_ended() -> None:
