@@ -228,3 +228,21 @@ async def test_a_step_decoded_again_adds_no_row_twice(pg_logical: PostgresDB) ->
             "WHERE coll = 'orders' AND op = 'insert' GROUP BY 1 ORDER BY 1")
     assert {r["item"]: r["count"] for r in counts} == {
         **{f"row {i}": 1 for i in range(1, 6)}, "one more": 1}
+
+
+async def test_an_idle_tailer_s_wait_for_wal_ends_when_the_wal_moves(
+        pg_logical: PostgresDB) -> None:
+    """The idle tailer waits in the server for the WAL to pass its last step
+    (`tidings_wal_moved`): true as soon as it has, false at the end of the wait when it
+    has not (a position no WAL reaches)."""
+    pg = pg_logical
+    server = pg.start()  # (sets the log up, with its functions)
+    server.stop()
+    sql = ChangeLog.of(pg.schema).wal_moved_sql()
+    async with pg.connection() as conn, pg.connection() as writer:
+        assert await conn.fetchval(sql, "FFFFFFFF/0", 50) is False
+        now = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+        waiting = asyncio.create_task(conn.fetchval(sql, now, 20_000))
+        await asyncio.sleep(0.1)
+        await writer.execute("INSERT INTO orders (item, qty) VALUES ('wakes it', 1)")
+        assert await asyncio.wait_for(waiting, 10) is True

@@ -524,6 +524,10 @@ class ChangeLog:
     def wake_sql(self) -> str:
         return f"SELECT pg_advisory_unlock({self.idle_key})"
 
+    def wal_moved_sql(self) -> str:
+        """Logical decoding, idle: wait (at most $2 ms) for the WAL to pass $1."""
+        return f"SELECT {self._names.schema}.tidings_wal_moved($1::text::pg_lsn, $2)"
+
 
     # -- retention -----------------------------------------------------------------------
 

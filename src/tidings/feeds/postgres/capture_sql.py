@@ -13,6 +13,9 @@ so one schema's objects never mention another's.
                          (and: save the published position as the cursor first;
                          release the idle key; where in a batch a is, if known)
     tidings_place(...)   the position of one change, once a tick covers its transaction
+    tidings_close(...)   logical decoding: ticks after a step copied the WAL into the log
+    tidings_wal_moved(lsn, ms)  logical decoding, idle: waits in the server until the
+                         WAL's insert position passes lsn (at most ms); whether it did
 """
 
 from __future__ import annotations
@@ -364,8 +367,27 @@ BEGIN
 END""")
 
 
+def _wal_moved(n: Names) -> str:
+    """An idle tailer's wait for new WAL, in the server: a look every 2 ms costs the
+    server a wake-up, where a query from the tailer every few ms cost both sides a round
+    trip (and the tailer's process about 5 % of a core doing nothing)."""
+    return _function(n, "tidings_wal_moved(after pg_lsn, wait_ms integer)", "boolean", """
+DECLARE
+    deadline timestamptz := clock_timestamp() + wait_ms * interval '1 millisecond';
+BEGIN
+    LOOP
+        IF pg_current_wal_insert_lsn() > after THEN
+            RETURN true;
+        END IF;
+        EXIT WHEN clock_timestamp() >= deadline;
+        PERFORM pg_sleep(0.002);
+    END LOOP;
+    RETURN false;
+END""", indexed=False)
+
+
 def functions(n: Names) -> list[str]:
-    return [_capture(n), _tick(n), _close(n),
+    return [_capture(n), _tick(n), _close(n), _wal_moved(n),
             f"DROP FUNCTION IF EXISTS {n.schema}.tidings_read(bigint, integer, boolean, "
             f"boolean, xid8, bigint)",
             # The one before: it saved its `after` (a boolean said whether).

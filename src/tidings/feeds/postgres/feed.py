@@ -19,10 +19,10 @@ one). A process that had nothing to watch then sets the feed up and starts taili
 
 With logical decoding (`--pg-capture`, `decoding.py`) there is no trigger and no NOTIFY:
 before each read the tailer copies the slot's changes into the log and ticks (`_step`),
-and while idle it compares the WAL's insert position with its last step's every
-_WAL_POLL_S. Start-up chooses the capture and switches a schema written the other way
-(`_setup`); a process that switched NOTIFYs the catalog channel, so every tailer rereads
-the schema's capture mode.
+and while idle it waits for the WAL's insert position to pass its last step's, in the
+server (`tidings_wal_moved`, at most _WAL_WAIT_S a call). Start-up chooses the capture
+and switches a schema written the other way (`_setup`); a process that switched
+NOTIFYs the catalog channel, so every tailer rereads the schema's capture mode.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ _POLL_S = 0.002
 _QUIET_S = 0.05
 # Asleep, it looks all the same this often (a bound, should a wake-up go missing).
 _RECHECK_S = 5.0
-# Logical decoding, idle: how often the tailer compares the WAL's position with its own.
-_WAL_POLL_S = 0.003
+# Logical decoding, idle: how long one wait for new WAL lasts at most, in the server
+# (which looks every 2 ms): a wake-up of this process's own is seen within it.
+_WAL_WAIT_S = 0.25
 # While changes keep coming, the tailer reads (and, decoding, steps) at most this often
 # (`Tailer`'s `busy_read_every_s`). A read costs about the same whether it finds two
 # changes or two hundred (a tick and its commit; decoding: a decoding context that
@@ -605,9 +606,9 @@ class _SchemaLog:
 
     async def _wait_for_wal(self, conn: Connection, wake: asyncio.Event) -> None:
         """Logical decoding: no trigger, no NOTIFY. While changes came lately, look again
-        every _POLL_S; then save the cursor and watch the WAL's insert position every
-        _WAL_POLL_S (one cheap query), returning once it moved past the last step's (or
-        on a wake-up, or after _RECHECK_S all the same)."""
+        every _POLL_S; then save the cursor and wait, in the server, for the WAL's insert
+        position to move past the last step's (one call per _WAL_WAIT_S at most),
+        returning once it has (or on a wake-up, or after _RECHECK_S all the same)."""
         if time.monotonic() - self._last_found < _QUIET_S:
             await _woken(wake, _POLL_S)
             return
@@ -616,14 +617,10 @@ class _SchemaLog:
             await conn.execute(changes.save_sql(), self._unsaved, timeout=COMMAND_TIMEOUT_S)
             self._saved = self._unsaved
         await self._feed._decoder.advance(conn)
-        for _ in range(int(_RECHECK_S / _WAL_POLL_S)):
-            await _woken(wake, _WAL_POLL_S)
-            if wake.is_set() or self.recheck:
-                return
-            moved = await conn.fetchval(
-                "SELECT pg_current_wal_insert_lsn() > $1::text::pg_lsn",
-                lsn_text(self._step_lsn), timeout=COMMAND_TIMEOUT_S)
-            if moved:
+        deadline = time.monotonic() + _RECHECK_S
+        while not (wake.is_set() or self.recheck) and time.monotonic() < deadline:
+            if await conn.fetchval(changes.wal_moved_sql(), lsn_text(self._step_lsn),
+                                   int(_WAL_WAIT_S * 1000), timeout=COMMAND_TIMEOUT_S):
                 return
 
     def lag_s(self, published: int) -> float:
