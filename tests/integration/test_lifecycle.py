@@ -63,12 +63,18 @@ async def subscribers(client: httpx.AsyncClient, hub: HubProcess) -> int:
     return int(reply.json()["subscribers"])
 
 
+async def metrics(client: httpx.AsyncClient, url: str) -> dict[str, float]:
+    """Every sample of the server at `url`'s `/metrics`, by name (labels included)."""
+    text = (await client.get(url + "/metrics")).text
+    return {name: float(value) for name, value in (
+        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+
+
 async def metric(client: httpx.AsyncClient, hub: HubProcess, name: str) -> float:
-    text = (await client.get(hub.url + "/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"metric {name} missing:\n{text}")
+    found = await metrics(client, hub.url)
+    if name not in found:
+        raise AssertionError(f"metric {name} missing: {sorted(found)}")
+    return found[name]
 
 
 async def eventually(

@@ -29,6 +29,7 @@ import pytest
 
 from tests.conftest import HubProcess, publish
 from tests.integration.outage_load import TOPIC, Load, history
+from tests.integration.test_lifecycle import metrics
 from tests.services import POSTGRES_URL, LocalPostgres, PrivateRedis, require, unavailable
 from tidings.transports import open_transport
 
@@ -41,9 +42,8 @@ BACK = "is back after"
 async def storage_metrics(client: httpx.AsyncClient, url: str) -> tuple[int, int, int]:
     """What `/metrics` says of the hub's storage: up (1 or 0, as `/healthz` says it),
     outages begun, and histories lost."""
-    text = (await client.get(url + "/metrics")).text
-    values = dict(line.split(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    up, outages, lost = (int(float(values[name])) for name in (
+    values = await metrics(client, url)
+    up, outages, lost = (int(values[name]) for name in (
         "tidings_storage_up", "tidings_storage_outages_total", "tidings_history_lost_total"))
     health = await client.get(url + "/healthz")
     assert health.status_code == 200 and health.json()["storage"] == ("up" if up else "down")
