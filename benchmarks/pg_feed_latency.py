@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/pg_feed_latency.py [--url postgresql://127.0.0.1:5432/test]
         [--subscribers 100] [--rate 5000] [--seconds 10] [--idle 100] [--fanout share|all]
-        [--capture auto|logical|trigger]
+        [--capture auto|logical|trigger] [--slot-read auto|stream|sql]
 
 Starts `tidings serve --db URL?search_path=SCRATCH` (the hub's history in the same
 schema, as a plain `--db postgresql://` server keeps it) watching a table `bench` of a
@@ -115,8 +115,8 @@ async def _healthy(port: int) -> bool:
         await close(writer)
 
 
-async def start_server(url: str, workdir: Path,
-                       capture: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+async def start_server(url: str, workdir: Path, capture: str,
+                       slot_read: str) -> tuple[subprocess.Popen[bytes], int, Path]:
     config = workdir / "tidings.toml"
     config.write_text('[tables.bench]\nread = "public"\n')
     log_path = workdir / "server.log"
@@ -126,7 +126,7 @@ async def start_server(url: str, workdir: Path,
             [sys.executable, "-m", "tidings", "serve", "--port", "0", "--db", url,
              "--config", str(config), "--jwt-key", KEY, "--log-level", "warning",
              "--subscriber-buffer", "100000", "--max-subscribers", "10000",
-             "--pg-capture", capture],
+             "--pg-capture", capture, "--pg-slot-read", slot_read],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -184,7 +184,7 @@ async def main(args: argparse.Namespace) -> None:
     sep = "&" if "?" in args.url else "?"
     workdir = Path(tempfile.mkdtemp(prefix="tidings-latency-"))
     proc, port, log_path = await start_server(f"{args.url}{sep}search_path={schema}", workdir,
-                                              args.capture)
+                                              args.capture, args.slot_read)
     tasks: list[asyncio.Task[None]] = []
     try:
         subscribers = [Subscriber(timed=(i == 0 or args.fanout == "share"))
@@ -276,4 +276,6 @@ if __name__ == "__main__":
     parser.add_argument("--fanout", choices=("share", "all"), default="share")
     parser.add_argument("--capture", choices=("auto", "logical", "trigger"), default="auto",
                         help="--pg-capture of the server")
+    parser.add_argument("--slot-read", choices=("auto", "stream", "sql"), default="auto",
+                        help="--pg-slot-read of the server (logical decoding)")
     asyncio.run(main(parser.parse_args()))

@@ -106,6 +106,12 @@ class Settings:
         "How the PostgreSQL feed captures changes: logical (logical decoding, no trigger: "
         "needs wal_level = logical and a role with REPLICATION), trigger (a trigger per "
         "table, any server) or auto (logical where possible, else trigger).")
+    pg_slot_read: str = _setting(
+        "auto",
+        "How logical decoding reads its replication slot: stream (a replication "
+        "connection: each change decoded once, pushed by the server), sql (SQL "
+        "functions: through poolers that refuse replication connections) or auto "
+        "(stream where the server allows it, else sql).")
     chat: bool = _setting(
         True,
         "Serve the chat at / (accounts, rooms, messages; docs/chat.md). The hub "

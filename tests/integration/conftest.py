@@ -64,10 +64,12 @@ async def drop_slot(conn: asyncpg.Connection, schema: str) -> None:
             await asyncio.sleep(0.2)
 
 
-def _postgres(request: pytest.FixtureRequest, capture: str) -> PostgresDB:
+def _postgres(request: pytest.FixtureRequest, capture: str,
+              slot_read: str = "auto") -> PostgresDB:
     schema, base = request.getfixturevalue("_pg_schema")
     return PostgresDB(request.getfixturevalue("hub_factory"),
-                      request.getfixturevalue("tmp_path"), schema, base, capture=capture)
+                      request.getfixturevalue("tmp_path"), schema, base, capture=capture,
+                      slot_read=slot_read)
 
 
 # The PostgreSQL feed's two ways of capturing changes (docs/feeds.md): the trigger log,
@@ -87,10 +89,11 @@ def pg_trigger(request: pytest.FixtureRequest) -> PostgresDB:
     return _postgres(request, "trigger")
 
 
-@pytest.fixture
+@pytest.fixture(params=["stream", "sql"])
 def pg_logical(request: pytest.FixtureRequest) -> PostgresDB:
-    """The PostgreSQL feed capturing by logical decoding (what only that way has)."""
-    return _postgres(request, "logical")
+    """The PostgreSQL feed capturing by logical decoding (what only that way has), once
+    per way of reading the slot (`--pg-slot-read`; the suites over `pg` stream it)."""
+    return _postgres(request, "logical", request.param)
 
 
 def _backend(request: pytest.FixtureRequest, name: str) -> FeedDB:

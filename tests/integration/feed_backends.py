@@ -296,10 +296,11 @@ class PostgresDB(FeedDB):
     config = CONFIG_POSTGRES
 
     def __init__(self, hub_factory: type[HubProcess], tmp_path: Path, schema: str,
-                 base_url: str, *, capture: str = "trigger") -> None:
+                 base_url: str, *, capture: str = "trigger", slot_read: str = "auto") -> None:
         super().__init__(hub_factory, tmp_path)
         self.schema = schema
         self.capture = capture  # --pg-capture
+        self.slot_read = slot_read  # --pg-slot-read
         self.db_name = urlsplit(base_url).path.lstrip("/")
         joiner = "&" if "?" in base_url else "?"
         # What `--db` gets: everything Tidings creates goes into the schema.
@@ -308,7 +309,8 @@ class PostgresDB(FeedDB):
 
     def start(self, *args: str, config: str | None = "") -> HubProcess:
         extra = self._config_args(self.config if config == "" else config)
-        return self._hub_factory(*extra, "--pg-capture", self.capture, *args,
+        return self._hub_factory(*extra, "--pg-capture", self.capture,
+                                 "--pg-slot-read", self.slot_read, *args,
                                  db=self.url).start()
 
     @contextlib.asynccontextmanager

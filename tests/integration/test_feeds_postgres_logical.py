@@ -219,15 +219,99 @@ async def test_a_step_decoded_again_adds_no_row_twice(pg_logical: PostgresDB) ->
                      "INSERT INTO orders (item, qty) VALUES ('one more', 6)")
     changes = ChangeLog.of(pg.schema)
     async with pg.connection() as conn:
-        for _ in range(2):
+        for again in (False, True):
             decoder = changes.decoder(pg.db_name)
-            done = await decoder.step(cast(Connection, conn))
+            if again:  # (the first one's SQL functions leave the slot where it was)
+                decoder.dsn, decoder.slot_read = pg.url, pg.slot_read
+            try:
+                done = await decoder.step(cast(Connection, conn))
+            finally:
+                await decoder.close_readers()
             assert done.mode == "logical"
+            assert (done.streamed is not None) == (again and pg.slot_read == "stream")
         counts = await conn.fetch(
             "SELECT new_doc ->> 'item' AS item, count(*) FROM tidings_changes "
             "WHERE coll = 'orders' AND op = 'insert' GROUP BY 1 ORDER BY 1")
     assert {r["item"]: r["count"] for r in counts} == {
         **{f"row {i}": 1 for i in range(1, 6)}, "one more": 1}
+
+
+async def _sees_a_new_change(pg: PostgresDB, url: str, key: int) -> None:
+    """A watch from a fresh snapshot gets the row `key` inserted after it."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        snapshot = (await client.get(f"{url}/api/collections/orders")).json()
+        async with watch(client, url, "orders",
+                         [("resume_after", snapshot["resume_token"])]) as stream:
+            await pg.execute(f"INSERT INTO orders (id, item) VALUES ({key:d}, 'new')")
+            assert payload(await stream.next())["documentKey"] == {"id": key}
+
+
+async def test_a_new_tailer_takes_the_slot_from_a_stale_stream(pg_logical: PostgresDB) -> None:
+    """A replication connection left on the slot (a stalled tailer's, which the server
+    would end only after wal_sender_timeout) is ended by the next tailer, which then
+    streams the slot itself (`--pg-slot-read stream`) or reads it with SQL functions."""
+    import psycopg2
+    from psycopg2.extras import LogicalReplicationConnection
+
+    from tidings.feeds.postgres.decoding import publication_name
+    from tidings.feeds.postgres.stream import libpq_dsn
+
+    pg = pg_logical
+    pg.start().stop()  # (creates the slot)
+
+    def hold() -> psycopg2.extensions.connection:
+        conn = psycopg2.connect(libpq_dsn(pg.url), application_name="stale reader",
+                                connection_factory=LogicalReplicationConnection)
+        conn.cursor().start_replication(
+            slot_name=_slot(pg), decode=False, options={
+                "proto_version": "1",
+                "publication_names": publication_name(pg.db_name, pg.schema)})
+        return conn
+
+    stale = await asyncio.to_thread(hold)
+    try:
+        server = pg.start()
+        await _sees_a_new_change(pg, server.url, 7)
+        readers = [r["application_name"] for r in await pg.fetch(
+            "SELECT application_name FROM pg_stat_replication r JOIN pg_replication_slots "
+            "s ON s.active_pid = r.pid WHERE s.slot_name = $1", _slot(pg))]
+        assert readers == ([f"tidings-feed-stream:{pg.schema}"] if pg.slot_read == "stream"
+                           else [])
+        server.stop()
+    finally:
+        stale.close()
+
+
+async def test_auto_reads_with_sql_functions_where_the_server_will_not_stream(
+        pg_trigger: PostgresDB) -> None:
+    """`--pg-slot-read auto` where the server refuses a replication connection (here: every
+    WAL sender taken) says why in the log and reads the slot with the SQL functions."""
+    import psycopg2
+    from psycopg2.extras import LogicalReplicationConnection
+
+    from tidings.feeds.postgres.stream import libpq_dsn
+
+    pg = pg_trigger
+    pg.capture, pg.slot_read = "logical", "auto"
+
+    def take_wal_senders() -> list[psycopg2.extensions.connection]:
+        taken = []
+        with contextlib.suppress(psycopg2.OperationalError):
+            for _ in range(100):
+                taken.append(psycopg2.connect(
+                    libpq_dsn(pg.url), connection_factory=LogicalReplicationConnection))
+        return taken
+
+    taken = await asyncio.to_thread(take_wal_senders)
+    try:
+        server = pg.start("--log-level", "info")
+        await _sees_a_new_change(pg, server.url, 8)
+        assert "max_wal_senders" in server.log()
+        assert "reading slot" in server.log() and "with SQL functions" in server.log()
+        server.stop()
+    finally:
+        for conn in taken:
+            conn.close()
 
 
 async def test_an_idle_tailer_s_wait_for_wal_ends_when_the_wal_moves(

@@ -375,3 +375,14 @@ def test_the_log_functions_read_on_indexes_and_the_capture_trigger_sets_nothing(
     assert "enable_seqscan" not in created["tidings_capture"]
     for name in ("tidings_tick", "tidings_close", "tidings_read", "tidings_place"):
         assert "SET enable_seqscan = off" in created[name], name
+
+
+def test_the_replication_connection_gets_only_what_libpq_knows_of_the_url() -> None:
+    """asyncpg takes any URL parameter it does not know as a server setting
+    (`?search_path=`); libpq refuses those, so the stream's URL leaves them out."""
+    from tidings.feeds.postgres.stream import libpq_dsn
+
+    assert libpq_dsn("postgresql://u:p@db:6432/app?search_path=s&sslmode=require"
+                     "&application_name=x") == (
+        "postgresql://u:p@db:6432/app?sslmode=require&application_name=x")
+    assert libpq_dsn("postgresql://db/app") == "postgresql://db/app"

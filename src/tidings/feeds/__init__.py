@@ -75,6 +75,7 @@ def open_feed(
     config: FeedConfig | None = None,
     retention: Retention | None = None,
     pg_capture: str = "auto",
+    pg_slot_read: str = "auto",
 ) -> ChangeFeed | None:
     """The feed of the database at `db_url`, or None for a database no feed can watch
     (memory:// with no collections configured). A feed with nothing to watch stays idle
@@ -93,7 +94,8 @@ def open_feed(
 
         # Whether there is anything to watch is known only once connected: an idle feed
         # creates nothing in the database (PostgresFeed.start).
-        return PostgresFeed(db_url, hub, config, retention=retention, capture=pg_capture)
+        return PostgresFeed(db_url, hub, config, retention=retention, capture=pg_capture,
+                            slot_read=pg_slot_read)
     if config.collections:
         raise ConfigError(
             f"collections need a database the feed can watch (--db sqlite:///FILE or "
@@ -108,11 +110,13 @@ def open_feeds(
     config: FeedConfig | None = None,
     retention: Retention | None = None,
     pg_capture: str = "auto",
+    pg_slot_read: str = "auto",
 ) -> ChangeFeed | None:
     """The database's feed (`open_feed`) and, when `config.mongodb` has a URL, the
     MongoDB feed of its collections (tokens kept in `db_url`), served as one."""
     config = config or FeedConfig()
-    feed = open_feed(db_url, hub, config=config, retention=retention, pg_capture=pg_capture)
+    feed = open_feed(db_url, hub, config=config, retention=retention, pg_capture=pg_capture,
+                     pg_slot_read=pg_slot_read)
     mongodb = config.mongodb
     if not mongodb.url:
         if mongodb.collections:

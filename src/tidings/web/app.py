@@ -163,6 +163,7 @@ def _feed(settings: Settings, hub: Hub) -> ChangeFeed | None:
         config=config,
         retention=Retention(settings.changes_size, settings.changes_max_age),
         pg_capture=settings.pg_capture,
+        pg_slot_read=settings.pg_slot_read,
     )
 
 

@@ -13,25 +13,27 @@ The tailer's step (`step`), under the tick lock, in one transaction:
 1. S = `pg_current_snapshot()`, then L = `pg_current_wal_insert_lsn()`. Every transaction
    S sees committed wrote its commit record before it left the proc array, so before S
    was taken, so before L.
-2. Decode the slot through L (`pg_logical_slot_peek_binary_changes`, transactions that
-   commit before L) once the WAL is flushed through L, and insert each change as a log
-   row: the writer's transaction id (the WAL's 32 bits, widened to `xid8` with the epoch
-   of a newer id), `seq` = the change's LSN * 1024 + its rank among changes sharing that
-   LSN (statement order), the document built in SQL from the decoded column texts as the
-   trigger would (`to_jsonb(row)`, or the managed document), the commit time as
-   `wall_time`. Changes of transactions that commit before the position the last step
-   that copied any recorded with its rows (`decoded_through`) are already there (decoded
-   before a crash, the slot not yet moved): they are not inserted again.
+2. Take the slot's transactions that commit before L: from the tailer's replication
+   stream (`stream.py`) once it has shown L, or with
+   `pg_logical_slot_peek_binary_changes` once the WAL is flushed through L
+   (`--pg-slot-read sql`, or where the server refuses a replication connection). Insert
+   each change as a log row: the writer's transaction id (the WAL's 32 bits, widened to
+   `xid8` with the epoch of a newer id), `seq` = the change's LSN * 1024 + its rank among
+   changes sharing that LSN (statement order), the document built in SQL from the decoded
+   column texts as the trigger would (`to_jsonb(row)`, or the managed document), the
+   commit time as `wall_time`. Changes of transactions that commit before the position
+   the last step that copied any recorded with its rows (`decoded_through`) are already
+   there (decoded before a crash, the slot not yet moved): they are not inserted again.
 3. Close the ticks API reads left pending (their `through` is NULL: a read's snapshot,
    recorded before this step's lock, so before S) and then this step's own tick at S, if
    its batch is not empty: `through` = the previous tick's + the rows of the batch, now
    all in the log because every transaction such a snapshot sees committed before L.
    Transactions that committed before L but after S are in the log too, and S does not
    see them: they are in the next tick's batch.
-4. Commit; then (before the next step, or before the tailer idles: not on the way from
-   the commit to publishing) move the slot to L (`pg_replication_slot_advance`): only
-   once the rows are committed, so a crash between the two decodes them again and step 2
-   skips them.
+4. Commit; then move the slot to L: a status message on the stream right away, or
+   `pg_replication_slot_advance` before the next step or before the tailer idles (not on
+   the way from the commit to publishing). Only once the rows are committed, so a crash
+   between the two decodes them again and step 2 skips them.
 
 So the ordering argument of `capture.py` holds unchanged: batches are cut by snapshots,
 and each batch is complete when its tick is recorded.
@@ -54,6 +56,7 @@ from tidings.errors import ServiceUnavailable
 from tidings.feeds.postgres.capture_sql import Names
 from tidings.feeds.postgres.pgoutput import Change, Relation, decode
 from tidings.feeds.postgres.schema import managed_document
+from tidings.feeds.postgres.stream import SlotBusy, SlotStream, StreamUnavailable
 from tidings.feeds.sqltext import ident, literal
 from tidings.pgdb import (
     Connection,
@@ -61,6 +64,8 @@ from tidings.pgdb import (
     ObjectInUse,
     PostgresError,
     QueryCanceled,
+    close_quietly,
+    connect,
 )
 
 __all__ = ["GAP_TOPIC", "LOGICAL", "Captured", "Decoder", "SlotLost", "Step", "flush_wal",
@@ -80,6 +85,13 @@ _FLUSH_SHORT_S = 0.004  # then flush it ourselves (`Decoder.step`)
 _RESTART_LAG_BYTES = 256 * 1024
 _RESTART_EVERY_S = 0.5
 _SEQ_ORDERS = 1024  # changes sharing one LSN (a COPY's multi-insert) take ranks below it
+# `Decoder.take_slot` ends the WAL senders reading the slot, and looks whether they are
+# gone this many times, this far apart.
+_TAKE_SLOT_TRIES = 40
+_TAKE_SLOT_EVERY_S = 0.05
+_END_SLOT_READERS = ("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                     "WHERE slot_name = $1 AND active_pid IN (SELECT pid FROM "
+                     "pg_stat_replication)")
 
 
 class SlotLost(Exception):
@@ -162,6 +174,7 @@ class Step:
     lsn: int = 0  # L, when it ran
     lost: bool = False
     unflushed: bool = False  # the WAL was not flushed through L: nothing done
+    streamed: int | None = None  # transactions taken from the stream (None: by SQL)
 
 
 @dataclass(slots=True)
@@ -174,11 +187,19 @@ class Decoder:
     names: Names  # the log's objects
     captured: str  # the registry of captured tables (name, key, kind)
     relations: dict[int, Relation] = field(default_factory=dict)
-    # The tailer's connection for the statements that decode (reading and moving the
-    # slot), when it has one. Decoding in a session invalidates its catalog caches and
-    # with them every plan it cached: on the step's connection the log's insert, its
-    # PL/pgSQL functions and the reads were parsed and planned again after every step
-    # (perf: about half the tailer's backend CPU).
+    # Where the tailer's own connections for reading the slot go (None: none of its
+    # own), and how it reads the slot (`--pg-slot-read`): a replication connection
+    # (`stream.py`; "auto": unless the server refuses one, then until the tailer's lead
+    # ends) or SQL functions.
+    dsn: str | None = None
+    slot_read: str = "sql"
+    stream: SlotStream | None = None
+    _stream_refused: str | None = None
+    # The SQL functions' connection (reading and moving the slot). Decoding in a
+    # session invalidates its catalog caches and with them every plan it cached: on the
+    # step's connection the log's insert, its PL/pgSQL functions and the reads were
+    # parsed and planned again after every step (perf: about half the tailer's backend
+    # CPU).
     reader: Connection | None = None
     _restarted: float = 0.0  # monotonic: when `_restart` last had a snapshot logged
     _unadvanced: int = 0  # the WAL position the slot may move to (`advance`)
@@ -226,6 +247,7 @@ class Decoder:
             except ObjectInUse:
                 if attempt == 49:
                     raise
+                await self.take_slot(conn)
                 await asyncio.sleep(0.1)
 
     async def publish(self, conn: Connection, table: str, captured: Captured) -> None:
@@ -281,6 +303,7 @@ class Decoder:
     async def recover(self, conn: Connection, why: str) -> None:
         """A new slot for a lost one (outside any transaction), and the gap marked."""
         self._unadvanced = self._advanced = 0
+        self.close_stream()
         await self.drop_slot(conn)
         await self.ensure_slot(conn)
         async with conn.transaction():
@@ -307,6 +330,7 @@ class Decoder:
         lock and switches the log to triggers: decode through `upto`, no tick of its
         own). Raises SlotLost when the slot is gone or invalidated."""
         if drain:
+            await self.take_slot(conn)  # a stream may hold it (the tailer's)
             done = await self._step(conn, upto=upto, drain=True, wait_s=_FLUSH_WAIT_S)
             if done.unflushed:  # the switch must not go on without these changes
                 raise ServiceUnavailable("the WAL was not flushed within "
@@ -321,8 +345,68 @@ class Decoder:
             await flush_wal(conn)
             done = await self._transaction(conn, upto, _FLUSH_WAIT_S)
         if done.mode == "logical" and done.lsn:
-            self._unadvanced = done.lsn  # committed: the slot may move there
+            if done.streamed is None:
+                self._unadvanced = done.lsn  # committed: the slot may move there
+            elif self.stream is not None:
+                # Committed: forget them, and let the slot move there (a message to the
+                # WAL sender, no round trip: it needs no `advance`).
+                self.stream.consume(done.streamed)
+                self.stream.confirm(done.lsn)
         return done
+
+    async def take_slot(self, conn: Connection) -> None:
+        """End the streams that read the slot (this process's, a stalled or former
+        tailer's, or during a switch of capture the tailer's) and wait until the slot is
+        free of them: neither the SQL functions nor a new stream can read it before."""
+        self.close_stream()
+        for _ in range(_TAKE_SLOT_TRIES):
+            if not await conn.fetchval(_END_SLOT_READERS, self.slot):
+                return
+            await asyncio.sleep(_TAKE_SLOT_EVERY_S)
+
+    def close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    async def close_readers(self) -> None:
+        """When the tailer's lead ends: its connections for reading the slot."""
+        self.close_stream()
+        self._stream_refused = None  # the next lead tries to stream again
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            await close_quietly(reader)
+
+    async def _streaming(self, conn: Connection) -> SlotStream | None:
+        """The stream to read the slot from, opened if need be; None: read it with the
+        SQL functions (`--pg-slot-read sql`, or the server refused to stream)."""
+        if self.stream is not None and not self.stream.closed:
+            return self.stream
+        self.stream = None
+        if self.dsn is None or self.slot_read == "sql" or self._stream_refused is not None:
+            return None
+        for attempt in range(2):
+            try:
+                self.stream = await SlotStream.open(
+                    self.dsn, self.slot, self.publication,
+                    application_name=f"tidings-feed-stream:{self.schema}")
+            except SlotBusy as exc:
+                if attempt:
+                    raise ServiceUnavailable(f"cannot stream replication slot {self.slot}: "
+                                             f"{exc}") from None
+                await self.take_slot(conn)  # we tail: whoever reads it is stale
+                continue
+            except StreamUnavailable as exc:
+                if self.slot_read == "stream":
+                    raise ServiceUnavailable(f"--pg-slot-read stream: {exc}") from None
+                self._stream_refused = str(exc)
+                log.warning("change feed: no replication connection (%s): reading slot %s "
+                            "with SQL functions, which costs more (docs/feeds.md, "
+                            "\"Streaming\")", exc, self.slot)
+                return None
+            log.info("change feed: streaming replication slot %s", self.slot)
+            return self.stream
+        return None
 
     async def _transaction(self, conn: Connection, upto: int | None,
                            wait_s: float) -> Step:
@@ -349,7 +433,7 @@ class Decoder:
         lsn, self._unadvanced = self._unadvanced, 0
         if lsn <= self._advanced:  # (a step that found the WAL where it was)
             return
-        conn = self.reader or conn
+        conn = await self._sql_reader(conn)
         await self._restart(conn)
         # The function alone, not through the pg_replication_slots view: after decoding
         # the session's caches are cold, and planning the view's query refilled them
@@ -402,6 +486,7 @@ class Decoder:
         assert row is not None
         mode = "logical" if row[0] == "logical" else "trigger"
         if mode != "logical" and not drain:
+            self.close_stream()
             return Step(mode)
         if not row[3] or row[4] == "lost":
             raise SlotLost(f"replication slot {self.slot} is "
@@ -409,18 +494,24 @@ class Decoder:
         lag = None if row[5] is None else _int(row[5])
         snapshot = str(row[6])
         lsn = lsn_value(row[7]) if upto is None else upto
-        if lsn_value(row[8]) < lsn and not await self._flushed(conn, lsn, wait_s):
-            return Step(mode, lag_bytes=lag, unflushed=True)  # nothing done: again
-        # (The switch to triggers drains on its own connection: the tailer's reader may
-        # be busy moving the slot.)
-        reader = conn if drain or self.reader is None else self.reader
-        messages = await reader.fetch(
-            "SELECT (lsn - '0/0'::pg_lsn)::bigint, data FROM "
-            "pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, NULL, "
-            "'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
-            self.slot, lsn_text(lsn), self.publication)
-        decoded = decode([(_int(m[0]), cast(bytes, m[1])) for m in messages], self.relations,
-                         prefix=_PREFIX)
+        stream = None if drain else await self._streaming(conn)
+        streamed: int | None = None
+        if stream is not None:
+            try:
+                reached = await stream.reach(lsn, wait_s)
+            except StreamUnavailable as exc:
+                self.close_stream()
+                raise ServiceUnavailable(str(exc)) from None
+            if not reached:  # not flushed through L (as below), or the server is slow
+                return Step(mode, lag_bytes=lag, unflushed=True)
+            messages, streamed = stream.before(lsn)
+        else:
+            if lsn_value(row[8]) < lsn and not await self._flushed(conn, lsn, wait_s):
+                return Step(mode, lag_bytes=lag, unflushed=True)  # nothing done: again
+            # (The switch to triggers drains on its own connection: the tailer's reader
+            # may be busy moving the slot.)
+            messages = await self._peek(conn if drain else await self._sql_reader(conn), lsn)
+        decoded = decode(messages, self.relations, prefix=_PREFIX)
         self.relations = decoded.relations
         # Transactions that committed before the switch to logical decoding were logged by
         # the trigger, those before `decoded_through` by an earlier step.
@@ -438,7 +529,29 @@ class Decoder:
         own = "NULL" if drain else f"{literal(snapshot)}::pg_snapshot"
         await conn.execute(f"{copied}SELECT {self.names.schema}.tidings_close({own}, "
                            f"{literal(lsn_text(lsn))}::pg_lsn)" + ("" if drain else "; COMMIT"))
-        return Step(mode, len(changes), lag, lsn)
+        return Step(mode, len(changes), lag, lsn, streamed=streamed)
+
+    async def _sql_reader(self, conn: Connection) -> Connection:
+        """The connection for the SQL functions: the tailer's own (opened if need be), else
+        `conn`."""
+        if self.dsn is None:
+            return conn
+        if self.reader is None:
+            # A new tailer: a stream a former one left (`--pg-slot-read stream`, stalled)
+            # would hold the slot until the server's wal_sender_timeout.
+            await self.take_slot(conn)
+            self.reader = await connect(self.dsn, command_timeout=None,
+                                        application_name=f"tidings-feed-decoder:{self.schema}")
+        return self.reader
+
+    async def _peek(self, reader: Connection, lsn: int) -> list[tuple[int, bytes]]:
+        """What the slot holds of the transactions that commit before `lsn`."""
+        messages = await reader.fetch(
+            "SELECT (lsn - '0/0'::pg_lsn)::bigint, data FROM "
+            "pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, NULL, "
+            "'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
+            self.slot, lsn_text(lsn), self.publication)
+        return [(_int(m[0]), cast(bytes, m[1])) for m in messages]
 
     async def _flushed(self, conn: Connection, lsn: int, wait_s: float) -> bool:
         """Whether the WAL is flushed through `lsn` (decoding reads no further), waiting a

@@ -117,11 +117,15 @@ class PostgresFeed(Documents):
         *,
         retention: Retention | None = None,
         capture: str = "auto",
+        slot_read: str = "auto",
     ) -> None:
         super().__init__(split_url(url)[0])
         if capture not in ("auto", "logical", "trigger"):
             raise ConfigError(f"--pg-capture must be auto, logical or trigger, not {capture!r}")
+        if slot_read not in ("auto", "stream", "sql"):
+            raise ConfigError(f"--pg-slot-read must be auto, stream or sql, not {slot_read!r}")
         self._capture = capture
+        self._slot_read = slot_read
         self.mode = "trigger"  # how the log is written, once started (`_setup`)
         self._hub = hub
         self._file_config = config
@@ -170,6 +174,7 @@ class PostgresFeed(Documents):
                      changes.schema)
         wanted = await self._choose(conn)
         decoder = self._decoder = changes.decoder(self._db_name)
+        decoder.dsn, decoder.slot_read = self._dsn, self._slot_read
         if wanted == "logical" and await changes.stored_mode(conn) != "logical":
             # Before the switch's boundary (below): the slot decodes every transaction
             # that commits after it is made. A log already in logical mode whose slot is
@@ -513,9 +518,7 @@ class _SchemaLog:
                 yield cursor
             finally:
                 self._conn = None
-                reader, self._feed._decoder.reader = self._feed._decoder.reader, None
-                if reader is not None:
-                    await close_quietly(reader)
+                await self._feed._decoder.close_readers()
 
     def _leading(self) -> Connection:
         if self._conn is None:
@@ -564,10 +567,6 @@ class _SchemaLog:
     async def _step(self, conn: Connection) -> None:
         """Logical decoding: copy the slot's changes into the log and tick."""
         decoder = self._feed._decoder
-        if decoder.reader is None:  # (closed with the tailer's lead)
-            decoder.reader = await connect(
-                self._feed._dsn, command_timeout=None,
-                application_name=f"tidings-feed-decoder:{self._feed._log.schema}")
         try:
             done = await decoder.step(conn)
         except SlotLost as exc:
