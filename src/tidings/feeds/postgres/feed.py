@@ -93,8 +93,8 @@ _RECHECK_S = 5.0
 _WAL_WAIT_S = 0.25
 # While changes keep coming, the tailer reads (and, decoding, steps) at most this often
 # (`Tailer`'s `busy_read_every_s`). A read costs about the same whether it finds two
-# changes or two hundred (a tick and its commit; decoding: a decoding context that
-# re-reads the WAL from the slot's restart point, twice; the hub's commit of the page),
+# changes or two hundred (a tick and its commit; decoding: the step's transaction, and
+# with SQL functions two decoding contexts; the hub's commit of the page),
 # and read back to back under a steady stream it found a few each time: at 4,000
 # single-row commits a second, 20 ms cut what capture costs per change by half and more
 # (`scripts/pg-tailer-cpu`, docs/feeds.md).
