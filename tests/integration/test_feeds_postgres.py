@@ -491,6 +491,9 @@ async def test_watch_and_metrics_say_how_changes_are_captured(pg: PostgresDB) ->
         assert ("tidings_feed_slot_lag_bytes" in found) == (pg.capture == "logical")
         if pg.capture == "logical":
             assert 0 <= int(found["tidings_feed_slot_lag_bytes"]) < 1 << 30
+            assert found["tidings_feed_slot_streamed"] == "1"  # (`--pg-slot-read auto`)
+        else:
+            assert "tidings_feed_slot_streamed" not in found
 
 
 # -- a change log the previous version made ------------------------------------------------

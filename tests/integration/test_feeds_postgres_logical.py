@@ -236,14 +236,15 @@ async def test_a_step_decoded_again_adds_no_row_twice(pg_logical: PostgresDB) ->
         **{f"row {i}": 1 for i in range(1, 6)}, "one more": 1}
 
 
-async def _sees_a_new_change(pg: PostgresDB, url: str, key: int) -> None:
-    """A watch from a fresh snapshot gets the row `key` inserted after it."""
+async def _sees_a_new_change(pg: PostgresDB, url: str, key: int) -> dict[str, str]:
+    """A watch from a fresh snapshot gets the row `key` inserted after it; then /metrics."""
     async with httpx.AsyncClient(timeout=10) as client:
         snapshot = (await client.get(f"{url}/api/collections/orders")).json()
         async with watch(client, url, "orders",
                          [("resume_after", snapshot["resume_token"])]) as stream:
             await pg.execute(f"INSERT INTO orders (id, item) VALUES ({key:d}, 'new')")
             assert payload(await stream.next())["documentKey"] == {"id": key}
+        return await _metrics(client, url)
 
 
 async def test_a_new_tailer_takes_the_slot_from_a_stale_stream(pg_logical: PostgresDB) -> None:
@@ -271,7 +272,8 @@ async def test_a_new_tailer_takes_the_slot_from_a_stale_stream(pg_logical: Postg
     stale = await asyncio.to_thread(hold)
     try:
         server = pg.start()
-        await _sees_a_new_change(pg, server.url, 7)
+        found = await _sees_a_new_change(pg, server.url, 7)
+        assert found["tidings_feed_slot_streamed"] == str(int(pg.slot_read == "stream"))
         readers = [r["application_name"] for r in await pg.fetch(
             "SELECT application_name FROM pg_stat_replication r JOIN pg_replication_slots "
             "s ON s.active_pid = r.pid WHERE s.slot_name = $1", _slot(pg))]
@@ -305,7 +307,8 @@ async def test_auto_reads_with_sql_functions_where_the_server_will_not_stream(
     taken = await asyncio.to_thread(take_wal_senders)
     try:
         server = pg.start("--log-level", "info")
-        await _sees_a_new_change(pg, server.url, 8)
+        found = await _sees_a_new_change(pg, server.url, 8)
+        assert found["tidings_feed_slot_streamed"] == "0"
         assert "max_wal_senders" in server.log()
         assert "reading slot" in server.log() and "with SQL functions" in server.log()
         server.stop()

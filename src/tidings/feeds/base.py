@@ -121,6 +121,9 @@ class FeedStatus:
     # Logical decoding: the bytes of WAL its replication slot holds behind the server's
     # current position (None: no slot, or not this process's to read).
     slot_lag_bytes: int | None = None
+    # Logical decoding, this process tailing: whether the slot is streamed over a
+    # replication connection (False: read with SQL functions; None: no slot to read).
+    slot_streamed: bool | None = None
 
 
 @runtime_checkable

@@ -113,6 +113,12 @@ class Ops:
                 "Logical decoding: bytes of WAL the replication slot keeps behind the "
                 "server's current position (bounded by max_slot_wal_keep_size).",
                 status.slot_lag_bytes))
+        if status.slot_streamed is not None:
+            lines.append((
+                "tidings_feed_slot_streamed", "gauge",
+                "Logical decoding: 1 while the tailer streams the replication slot over a "
+                "replication connection, 0 while it reads the slot with SQL functions.",
+                int(status.slot_streamed)))
         return lines
 
     def _chat_lines(self) -> list[tuple[str, str, str, object]]:

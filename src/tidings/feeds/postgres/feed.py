@@ -370,9 +370,11 @@ class PostgresFeed(Documents):
         published = self._tailer.published
         leading = self._tailer.leading
         logical = (self._source.mode if leading else self.mode) == "logical"
+        reading = leading and logical
         return FeedStatus("postgresql", LOGICAL if logical else CAPTURE, leading, published,
                           self._source.lag_s(published) if leading else None,
-                          self._source.slot_lag if leading and logical else None)
+                          self._source.slot_lag if reading else None,
+                          self._source.streamed if reading else None)
 
     # -- resuming -------------------------------------------------------------------------
 
@@ -491,6 +493,7 @@ class _SchemaLog:
         self.recheck = False
         self._step_lsn = 0
         self.slot_lag: int | None = None
+        self.streamed = False  # the last step read the slot from a stream
 
     @contextlib.asynccontextmanager
     async def lead(self, wake: asyncio.Event) -> AsyncIterator[int]:
@@ -573,6 +576,7 @@ class _SchemaLog:
             await decoder.recover(conn, str(exc))
             done = await decoder.step(conn)
         self.mode, self.slot_lag = done.mode, done.lag_bytes
+        self.streamed = done.streamed is not None
         self._step_lsn = done.lsn or self._step_lsn
 
     async def save(self, cursor: int) -> None:
