@@ -11,8 +11,8 @@ as it does with what a peek returned.
 
 asyncpg does not speak the replication sub-protocol (CopyBoth); psycopg2 (libpq) does,
 with every authentication method and TLS setting libpq has. Its replication cursor reads
-without blocking, so the connection's socket is watched by the event loop; only the
-connect runs in a thread.
+without blocking, so the event loop reads the socket (every _READ_EVERY_S, and whenever
+it is readable while a step waits); only the connect runs in a thread.
 
 Positions (`position`): every message of the stream carries a WAL position, and a
 keepalive the position the WAL sender has decoded through. Whatever position the stream
@@ -24,15 +24,12 @@ order). So once `position` >= L, the transactions committing before L are all he
 from __future__ import annotations
 
 import asyncio
-import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = ["SlotBusy", "SlotStream", "StreamUnavailable", "libpq_dsn"]
-
-log = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT_S = 10
 # While no step waits, the socket is read this often, not whenever it is readable: the
