@@ -247,6 +247,49 @@ async def _sees_a_new_change(pg: PostgresDB, url: str, key: int) -> dict[str, st
         return await _metrics(client, url)
 
 
+async def test_a_backlog_larger_than_the_stream_keeps_is_copied_in_parts(
+        pg_trigger: PostgresDB) -> None:
+    """Streamed, a step finds a backlog of more messages than the stream keeps in memory
+    (`SlotStream.limit`, here 20): it copies the whole transactions among them without a
+    tick, and the next step goes on; the tick comes with the step that reaches its WAL
+    position. Every change is in the log once, and the ticks cover them all."""
+    from tidings.feeds.postgres.stream import SlotStream
+
+    pg = pg_trigger
+    pg.capture = "logical"
+    server = pg.start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        await insert(client, server.url, {"username": "a", "content": "0"})
+        await pg.published_all()
+    server.stop()
+    for i in range(1, 31):
+        await pg.execute(f"INSERT INTO orders (id, item) VALUES ({i}, 'backlog')")
+    changes = ChangeLog.of(pg.schema)
+    decoder = changes.decoder(pg.db_name)
+    decoder.dsn, decoder.slot_read = pg.url, "stream"
+    decoder.stream = await SlotStream.open(pg.url, decoder.slot, decoder.publication,
+                                           application_name="test")
+    decoder.stream.limit = 20
+    parts = 0
+    async with pg.connection() as conn:
+        try:
+            for _ in range(100):
+                done = await decoder.step(cast(Connection, conn))
+                if not done.partial:
+                    break
+                parts += 1
+        finally:
+            await decoder.close_readers()
+        assert not done.partial and parts >= 3
+        counts = await conn.fetch(
+            "SELECT new_doc ->> 'id' AS id, count(*) FROM tidings_changes "
+            "WHERE coll = 'orders' AND new_doc ->> 'item' = 'backlog' GROUP BY 1")
+        assert sorted(int(r["id"]) for r in counts) == list(range(1, 31))
+        assert {r["count"] for r in counts} == {1}
+        assert await conn.fetchval("SELECT max(through) FROM tidings_ticks") == (
+            await conn.fetchval("SELECT count(*) FROM tidings_changes"))
+
+
 async def test_a_new_tailer_takes_the_slot_from_a_stale_stream(pg_logical: PostgresDB) -> None:
     """A replication connection left on the slot (a stalled tailer's, which the server
     would end only after wal_sender_timeout) is ended by the next tailer, which then

@@ -36,7 +36,9 @@ The tailer's step (`step`), under the tick lock, in one transaction:
    between the two decodes them again and step 2 skips them.
 
 So the ordering argument of `capture.py` holds unchanged: batches are cut by snapshots,
-and each batch is complete when its tick is recorded.
+and each batch is complete when its tick is recorded. (A streamed step that finds more
+before L than the stream keeps, a backlog, copies the whole transactions it has and
+skips 3: its rows wait in the log for a later step's tick, like rows a trigger wrote.)
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ class Step:
     lost: bool = False
     unflushed: bool = False  # the WAL was not flushed through L: nothing done
     streamed: int | None = None  # transactions taken from the stream (None: by SQL)
+    partial: bool = False  # a backlog's first part: no tick (`SlotStream.full`)
 
 
 @dataclass(slots=True)
@@ -496,15 +499,23 @@ class Decoder:
         lsn = lsn_value(row[7]) if upto is None else upto
         stream = None if drain else await self._streaming(conn)
         streamed: int | None = None
+        partial = False
         if stream is not None:
             try:
                 reached = await stream.reach(lsn, wait_s)
             except StreamUnavailable as exc:
                 self.close_stream()
                 raise ServiceUnavailable(str(exc)) from None
-            if not reached:  # not flushed through L (as below), or the server is slow
+            if reached:
+                messages, streamed = stream.before(lsn)
+            elif stream.full:
+                # More before L than the stream keeps (a backlog): copy its whole
+                # transactions and tick nothing (the ticks need everything before L); the
+                # next step goes on after them.
+                messages, streamed, lsn = stream.complete()
+                partial = True
+            else:  # not flushed through L (as below), or the server is slow
                 return Step(mode, lag_bytes=lag, unflushed=True)
-            messages, streamed = stream.before(lsn)
         else:
             if lsn_value(row[8]) < lsn and not await self._flushed(conn, lsn, wait_s):
                 return Step(mode, lag_bytes=lag, unflushed=True)  # nothing done: again
@@ -527,9 +538,13 @@ class Decoder:
         # Texts PostgreSQL made (digits, colons, commas; hex and a slash): as literals, so
         # that the step's own transaction commits in the same round trip.
         own = "NULL" if drain else f"{literal(snapshot)}::pg_snapshot"
-        await conn.execute(f"{copied}SELECT {self.names.schema}.tidings_close({own}, "
-                           f"{literal(lsn_text(lsn))}::pg_lsn)" + ("" if drain else "; COMMIT"))
-        return Step(mode, len(changes), lag, lsn, streamed=streamed)
+        if partial:
+            await conn.execute(f"{copied}COMMIT")
+        else:
+            await conn.execute(f"{copied}SELECT {self.names.schema}.tidings_close({own}, "
+                               f"{literal(lsn_text(lsn))}::pg_lsn)"
+                               + ("" if drain else "; COMMIT"))
+        return Step(mode, len(changes), lag, lsn, streamed=streamed, partial=partial)
 
     async def _sql_reader(self, conn: Connection) -> Connection:
         """The connection for the SQL functions: the tailer's own (opened if need be), else

@@ -38,7 +38,9 @@ _CONNECT_TIMEOUT_S = 10
 # at once what has come, and then whenever more comes until it has what it needs.
 _READ_EVERY_S = 0.05
 # And not at all while this many messages wait for a step (the WAL sender then waits on
-# the socket): a tailer that cannot publish does not buffer the WAL in memory.
+# the socket): a tailer that cannot publish does not buffer the WAL in memory. A step
+# that finds this many before its position takes the whole transactions among them
+# (`complete`), and the next step goes on from there.
 _MAX_WAITING = 100_000
 _OBJECT_IN_USE = "55006"
 # The URL parameters libpq knows. asyncpg takes any other as a server setting
@@ -66,6 +68,7 @@ class SlotBusy(StreamUnavailable):
 @dataclass(slots=True)
 class _Transaction:
     commit_lsn: int  # where its commit record starts (pgoutput's Begin has it)
+    end_lsn: int  # where it ends (its Commit message's position)
     end: int  # the index in `_messages` after its Commit
 
 
@@ -83,6 +86,7 @@ class SlotStream:
     _error: BaseException | None = None
     _watching: bool = False  # reading whenever the socket is readable (a step waits)
     _timer: asyncio.TimerHandle | None = None
+    limit: int = _MAX_WAITING  # messages kept waiting for a step, at most
 
     @classmethod
     async def open(cls, dsn: str, slot: str, publication: str, *,
@@ -105,7 +109,8 @@ class SlotStream:
 
     async def reach(self, lsn: int, timeout_s: float) -> bool:
         """Whether the stream shows `lsn` (asking the server where it is), waiting at most
-        `timeout_s`. Raises StreamUnavailable when the stream has ended."""
+        `timeout_s`; false too as soon as it keeps `limit` messages, whole transactions
+        among them (`full`). Raises StreamUnavailable when the stream has ended."""
         self._read()
         self._check()
         if self.position >= lsn:
@@ -119,6 +124,8 @@ class SlotStream:
         try:
             async with asyncio.timeout(timeout_s):
                 while self.position < lsn:
+                    if self.full:
+                        return False
                     self._moved.clear()
                     await self._moved.wait()
                     self._check()
@@ -136,6 +143,16 @@ class SlotStream:
             count += 1
         end = self._done[count - 1].end if count else 0
         return self._messages[:end], count
+
+    @property
+    def full(self) -> bool:
+        """`limit` messages wait, whole transactions among them."""
+        return len(self._messages) >= self.limit and bool(self._done)
+
+    def complete(self) -> tuple[list[tuple[int, bytes]], int, int]:
+        """The messages of every whole transaction kept, how many transactions, and the
+        position where the last one ends (a step of `full` stream goes that far)."""
+        return self._messages[:self._done[-1].end], len(self._done), self._done[-1].end_lsn
 
     def consume(self, transactions: int) -> None:
         """Forget the first `transactions` (their rows are committed in the log)."""
@@ -165,11 +182,13 @@ class SlotStream:
     # -- reading ---------------------------------------------------------------------------
 
     def _read(self) -> None:
-        """Take every message the socket has (it also answers the server's keepalives)."""
+        """Take the messages the socket has, until `full` (it also answers the server's
+        keepalives). Those left wait in libpq's buffer, then the socket's, then the WAL
+        sender's: the memory a backlog takes is bounded."""
         if self._error is not None:
             return
         try:
-            while (message := self._cursor.read_message()) is not None:
+            while not self.full and (message := self._cursor.read_message()) is not None:
                 self._take(int(message.data_start), bytes(message.payload))
             self.position = max(self.position, int(self._cursor.wal_end))
         except Exception as exc:
@@ -178,8 +197,8 @@ class SlotStream:
         self._moved.set()
 
     def _every(self) -> None:
-        """Read every _READ_EVERY_S while no step waits (unless _MAX_WAITING wait)."""
-        if not self._watching and len(self._messages) < _MAX_WAITING:
+        """Read every _READ_EVERY_S while no step waits (unless `limit` messages wait)."""
+        if not self._watching and len(self._messages) < self.limit:
             self._read()
         if self._error is None:
             self._timer = asyncio.get_running_loop().call_later(_READ_EVERY_S, self._every)
@@ -192,7 +211,7 @@ class SlotStream:
             return  # a message outside any transaction (`pg_logical_emit_message`, false)
         self._messages.append((lsn, data))
         if kind == b"C":
-            self._done.append(_Transaction(self._open_commit, len(self._messages)))
+            self._done.append(_Transaction(self._open_commit, lsn, len(self._messages)))
             self._open_commit = None
         # Any message's position: the WAL sender has sent every transaction that
         # committed before it (module doc).
