@@ -65,6 +65,7 @@ __all__ = [
     "pooled",
     "setting_up",
     "split_url",
+    "url_keeping",
 ]
 
 log = logging.getLogger(__name__)
@@ -180,11 +181,17 @@ def split_url(url: str) -> tuple[str, dict[str, str]]:
     """The DSN for asyncpg, and Tidings' own query parameters (`namespace`), which are not
     server settings; every other parameter (`search_path`, `sslmode`...) stays in the DSN.
     A parameter given twice counts the last time."""
+    own = dict(param for param in parse_qsl(urlsplit(url).query, keep_blank_values=True)
+               if param[0] in _OWN_PARAMS)
+    return url_keeping(url, lambda key: key not in _OWN_PARAMS), own
+
+
+def url_keeping(url: str, keep: Callable[[str], bool]) -> str:
+    """`url` with only the query parameters whose name `keep` accepts, in order."""
     parts = urlsplit(url)
-    params = parse_qsl(parts.query, keep_blank_values=True)
-    own = {key: value for key, value in params if key in _OWN_PARAMS}
-    rest = urlencode([(key, value) for key, value in params if key not in _OWN_PARAMS])
-    return urlunsplit(parts._replace(query=rest)), own
+    kept = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True)
+            if keep(key)]
+    return urlunsplit(parts._replace(query=urlencode(kept)))
 
 
 def describe(dsn: str) -> str:

@@ -20,7 +20,9 @@ from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import psycopg2
 import pytest
+from psycopg2.extras import LogicalReplicationConnection
 
 from tests.conftest import KEY
 from tests.integration.conftest import drop_slot
@@ -33,6 +35,7 @@ from tests.integration.feed_backends import (
     watch,
 )
 from tidings.feeds.postgres.capture import ChangeLog
+from tidings.feeds.postgres.stream import libpq_dsn
 from tidings.pgdb import Connection
 
 pytestmark = pytest.mark.anyio
@@ -236,6 +239,11 @@ async def test_a_step_decoded_again_adds_no_row_twice(pg_logical: PostgresDB) ->
         **{f"row {i}": 1 for i in range(1, 6)}, "one more": 1}
 
 
+def _replication_connection(pg: PostgresDB) -> psycopg2.extensions.connection:
+    """A replication connection of the test's own (blocking: run it in a thread)."""
+    return psycopg2.connect(libpq_dsn(pg.url), connection_factory=LogicalReplicationConnection)
+
+
 async def _sees_a_new_change(pg: PostgresDB, url: str, key: int) -> dict[str, str]:
     """A watch from a fresh snapshot gets the row `key` inserted after it; then /metrics."""
     async with httpx.AsyncClient(timeout=10) as client:
@@ -294,18 +302,13 @@ async def test_a_new_tailer_takes_the_slot_from_a_stale_stream(pg_logical: Postg
     """A replication connection left on the slot (a stalled tailer's, which the server
     would end only after wal_sender_timeout) is ended by the next tailer, which then
     streams the slot itself (`--pg-slot-read stream`) or reads it with SQL functions."""
-    import psycopg2
-    from psycopg2.extras import LogicalReplicationConnection
-
     from tidings.feeds.postgres.decoding import publication_name
-    from tidings.feeds.postgres.stream import libpq_dsn
 
     pg = pg_logical
     pg.start().stop()  # (creates the slot)
 
     def hold() -> psycopg2.extensions.connection:
-        conn = psycopg2.connect(libpq_dsn(pg.url), application_name="stale reader",
-                                connection_factory=LogicalReplicationConnection)
+        conn = _replication_connection(pg)
         conn.cursor().start_replication(
             slot_name=_slot(pg), decode=False, options={
                 "proto_version": "1",
@@ -331,11 +334,6 @@ async def test_auto_reads_with_sql_functions_where_the_server_will_not_stream(
         pg_trigger: PostgresDB) -> None:
     """`--pg-slot-read auto` where the server refuses a replication connection (here: every
     WAL sender taken) says why in the log and reads the slot with the SQL functions."""
-    import psycopg2
-    from psycopg2.extras import LogicalReplicationConnection
-
-    from tidings.feeds.postgres.stream import libpq_dsn
-
     pg = pg_trigger
     pg.capture, pg.slot_read = "logical", "auto"
 
@@ -343,8 +341,7 @@ async def test_auto_reads_with_sql_functions_where_the_server_will_not_stream(
         taken = []
         with contextlib.suppress(psycopg2.OperationalError):
             for _ in range(100):
-                taken.append(psycopg2.connect(
-                    libpq_dsn(pg.url), connection_factory=LogicalReplicationConnection))
+                taken.append(_replication_connection(pg))
         return taken
 
     taken = await asyncio.to_thread(take_wal_senders)

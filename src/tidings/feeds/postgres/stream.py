@@ -27,7 +27,8 @@ import asyncio
 import struct
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from tidings.pgdb import url_keeping
 
 __all__ = ["SlotBusy", "SlotStream", "StreamUnavailable", "libpq_dsn"]
 
@@ -197,8 +198,8 @@ class SlotStream:
         self._moved.set()
 
     def _every(self) -> None:
-        """Read every _READ_EVERY_S while no step waits (unless `limit` messages wait)."""
-        if not self._watching and len(self._messages) < self.limit:
+        """Read every _READ_EVERY_S while no step waits (`_read` stops at `full`)."""
+        if not self._watching:
             self._read()
         if self._error is None:
             self._timer = asyncio.get_running_loop().call_later(_READ_EVERY_S, self._every)
@@ -242,10 +243,7 @@ class SlotStream:
 
 def libpq_dsn(dsn: str) -> str:
     """`dsn` (a URL asyncpg takes) without the parameters libpq does not know."""
-    parts = urlsplit(dsn)
-    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-            if k in _LIBPQ_PARAMS]
-    return urlunsplit(parts._replace(query=urlencode(kept)))
+    return url_keeping(dsn, _LIBPQ_PARAMS.__contains__)
 
 
 def _close_started(starting: asyncio.Future[tuple[Any, Any]]) -> None:
