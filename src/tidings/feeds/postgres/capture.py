@@ -528,6 +528,12 @@ class ChangeLog:
         """Logical decoding, idle: wait (at most $2 ms) for the WAL to pass $1."""
         return f"SELECT {self._names.schema}.tidings_wal_moved($1::text::pg_lsn, $2)"
 
+    def wal_flushed_sql(self) -> str:
+        """The slot streamed, idle: wait (at most $2 ms) for the WAL's flush position to
+        pass $1; that position as text, or NULL."""
+        return (f"SELECT {self._names.schema}.tidings_wal_flushed($1::text::pg_lsn, $2)"
+                f"::text")
+
 
     # -- retention -----------------------------------------------------------------------
 

@@ -16,6 +16,9 @@ so one schema's objects never mention another's.
     tidings_close(...)   logical decoding: ticks after a step copied the WAL into the log
     tidings_wal_moved(lsn, ms)  logical decoding, idle: waits in the server until the
                          WAL's insert position passes lsn (at most ms); whether it did
+    tidings_wal_flushed(lsn, ms)  the same for the WAL's flush position (the slot
+                         streamed: its WAL sender sends what is flushed); where it is
+                         then, or NULL
 """
 
 from __future__ import annotations
@@ -371,23 +374,37 @@ def _wal_moved(n: Names) -> str:
     """An idle tailer's wait for new WAL, in the server: a look every 2 ms costs the
     server a wake-up, where a query from the tailer every few ms cost both sides a round
     trip (and the tailer's process about 5 % of a core doing nothing)."""
-    return _function(n, "tidings_wal_moved(after pg_lsn, wait_ms integer)", "boolean", """
+    return _wal_wait(n, "tidings_wal_moved", "pg_current_wal_insert_lsn()", "boolean",
+                     found="true", not_found="false")
+
+
+def _wal_flushed(n: Names) -> str:
+    """The same for the flush position (what a WAL sender may send), which it returns."""
+    return _wal_wait(n, "tidings_wal_flushed", "pg_current_wal_flush_lsn()", "pg_lsn",
+                     found="reached", not_found="NULL")
+
+
+def _wal_wait(n: Names, name: str, position: str, returns: str, *, found: str,
+              not_found: str) -> str:
+    return _function(n, f"{name}(after pg_lsn, wait_ms integer)", returns, f"""
 DECLARE
     deadline timestamptz := clock_timestamp() + wait_ms * interval '1 millisecond';
+    reached pg_lsn;
 BEGIN
     LOOP
-        IF pg_current_wal_insert_lsn() > after THEN
-            RETURN true;
+        reached := {position};
+        IF reached > after THEN
+            RETURN {found};
         END IF;
         EXIT WHEN clock_timestamp() >= deadline;
         PERFORM pg_sleep(0.002);
     END LOOP;
-    RETURN false;
+    RETURN {not_found};
 END""", indexed=False)
 
 
 def functions(n: Names) -> list[str]:
-    return [_capture(n), _tick(n), _close(n), _wal_moved(n),
+    return [_capture(n), _tick(n), _close(n), _wal_moved(n), _wal_flushed(n),
             f"DROP FUNCTION IF EXISTS {n.schema}.tidings_read(bigint, integer, boolean, "
             f"boolean, xid8, bigint)",
             # The one before: it saved its `after` (a boolean said whether).

@@ -56,6 +56,7 @@ from tidings.feeds.postgres.decoding import (
 from tidings.feeds.postgres.documents import Documents
 from tidings.feeds.postgres.registry import catalog_channel, defined, ensure_registry, notify
 from tidings.feeds.postgres.schema import Shape, managed, table_columns, table_shape
+from tidings.feeds.postgres.stream import SlotStream, StreamUnavailable
 from tidings.feeds.postgres.watch import current_log, install, watched
 from tidings.feeds.tailer import Entry, Tailer
 from tidings.hub.hub import EARLIEST, Hub
@@ -91,6 +92,10 @@ _RECHECK_S = 5.0
 # Logical decoding, idle: how long one wait for new WAL lasts at most, in the server
 # (which looks every 2 ms): a wake-up of this process's own is seen within it.
 _WAL_WAIT_S = 0.25
+# The slot streamed, idle: how long a look waits for the stream to show the flushed WAL
+# (the WAL sender decodes it first; longer: a step), and how often it looks at most.
+_STREAM_LOOK_S = 0.1
+_STREAM_LOOK_EVERY_S = 0.005
 # While changes keep coming, the tailer reads (and, decoding, steps) at most this often
 # (`Tailer`'s `busy_read_every_s`). A read costs about the same whether it finds two
 # changes or two hundred (a tick and its commit; decoding: the step's transaction, and
@@ -492,6 +497,7 @@ class _SchemaLog:
         self.mode = "trigger"
         self.recheck = False
         self._step_lsn = 0
+        self._step_again = False  # the last step's rows may need the next one's tick
         self.slot_lag: int | None = None
         self.streamed = False  # the last step read the slot from a stream
 
@@ -509,7 +515,7 @@ class _SchemaLog:
         ) as conn:
             cursor = await changes.read_state(conn, "cursor", timeout=COMMAND_TIMEOUT_S)
             self.mode = await changes.mode(conn)
-            self.recheck, self._step_lsn = False, 0
+            self.recheck, self._step_lsn, self._step_again = False, 0, False
             log.info("change feed: tailing schema %s after change %s (%s)", changes.schema,
                      cursor, LOGICAL if self.mode == "logical" else CAPTURE)
             self._conn, self._page, self._found, self._full = conn, None, False, False
@@ -576,6 +582,9 @@ class _SchemaLog:
             await decoder.recover(conn, str(exc))
             done = await decoder.step(conn)
         self.mode, self.slot_lag = done.mode, done.lag_bytes
+        # A step's rows may be in the next step's tick only (those of a transaction that
+        # committed between its snapshot and its position): step again, whatever comes.
+        self._step_again = bool(done.decoded) or done.unflushed or done.partial
         self.streamed = done.streamed is not None
         self._step_lsn = done.lsn or self._step_lsn
 
@@ -621,10 +630,41 @@ class _SchemaLog:
             self._saved = self._unsaved
         await self._feed._decoder.advance(conn)
         deadline = time.monotonic() + _RECHECK_S
+        stream = self._feed._decoder.stream
+        if stream is not None and not stream.closed and not self._step_again:
+            await self._wait_for_stream(conn, wake, stream, deadline)
+            return
         while not (wake.is_set() or self.recheck) and time.monotonic() < deadline:
             if await conn.fetchval(changes.wal_moved_sql(), lsn_text(self._step_lsn),
                                    int(_WAL_WAIT_S * 1000), timeout=COMMAND_TIMEOUT_S):
                 return
+
+    async def _wait_for_stream(self, conn: Connection, wake: asyncio.Event,
+                               stream: SlotStream, deadline: float) -> None:
+        """The slot streamed, idle: return when the stream brings a transaction of the
+        captured tables. The WAL moving is not enough: writes to every other table (and
+        database) of the server move it too, and a step each time cost those writers a
+        quarter of their rate (docs/feeds.md, "Other tables' writers"). So each time the
+        WAL's flush position moves, look at the stream once it shows that position
+        (everything committed before it has come: stream.py): a step only if something
+        came. Returns on a wake-up too, and after _RECHECK_S all the same (a step then
+        confirms the slot's position, so that it keeps no more WAL than that)."""
+        after = self._step_lsn
+        while not (wake.is_set() or self.recheck or stream.waiting) and (
+                time.monotonic() < deadline):
+            flushed = await conn.fetchval(self._feed._log.wal_flushed_sql(), lsn_text(after),
+                                          int(_WAL_WAIT_S * 1000), timeout=COMMAND_TIMEOUT_S)
+            if flushed is None:
+                continue
+            try:
+                shown = await stream.reach(lsn_value(flushed), _STREAM_LOOK_S)
+            except StreamUnavailable:
+                return  # the step opens it again
+            if not shown or stream.waiting:
+                return
+            after = lsn_value(flushed)
+            # Other tables' writes keep moving the WAL: one look per _STREAM_LOOK_EVERY_S.
+            await _woken(wake, _STREAM_LOOK_EVERY_S)
 
     def lag_s(self, published: int) -> float:
         """How long the oldest change read but not yet published has waited since its

@@ -136,6 +136,11 @@ class SlotStream:
             self._watch(False)
         return True
 
+    @property
+    def waiting(self) -> bool:
+        """Messages wait for a step (a transaction of the publication's tables came)."""
+        return bool(self._messages)
+
     def before(self, lsn: int) -> tuple[list[tuple[int, bytes]], int]:
         """The messages of the transactions that committed before `lsn`, and how many
         transactions that is (`consume`'s argument once they are in the log)."""
