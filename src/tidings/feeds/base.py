@@ -124,6 +124,9 @@ class FeedStatus:
     # Logical decoding, this process tailing: whether the slot is streamed over a
     # replication connection (False: read with SQL functions; None: no slot to read).
     slot_streamed: bool | None = None
+    # Logical decoding, this process tailing: the steps its tailer made, each a transaction
+    # that copies what the slot holds into the log (None: no slot to read).
+    slot_steps: int | None = None
 
 
 @runtime_checkable

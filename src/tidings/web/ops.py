@@ -119,6 +119,12 @@ class Ops:
                 "Logical decoding: 1 while the tailer streams the replication slot over a "
                 "replication connection, 0 while it reads the slot with SQL functions.",
                 int(status.slot_streamed)))
+        if status.slot_steps is not None:
+            lines.append((
+                "tidings_feed_slot_steps_total", "counter",
+                "Logical decoding: the tailer's steps, each a transaction that copies what "
+                "the slot holds into the change log (idle, it steps when a captured "
+                "table's transaction comes, and every 5 s).", status.slot_steps))
         return lines
 
     def _chat_lines(self) -> list[tuple[str, str, str, object]]:

@@ -379,7 +379,8 @@ class PostgresFeed(Documents):
         return FeedStatus("postgresql", LOGICAL if logical else CAPTURE, leading, published,
                           self._source.lag_s(published) if leading else None,
                           self._source.slot_lag if reading else None,
-                          self._source.streamed if reading else None)
+                          self._source.streamed if reading else None,
+                          self._source.steps if reading else None)
 
     # -- resuming -------------------------------------------------------------------------
 
@@ -500,6 +501,7 @@ class _SchemaLog:
         self._step_again = False  # the last step's rows may need the next one's tick
         self.slot_lag: int | None = None
         self.streamed = False  # the last step read the slot from a stream
+        self.steps = 0  # how many steps this process's tailer made (`/metrics`)
 
     @contextlib.asynccontextmanager
     async def lead(self, wake: asyncio.Event) -> AsyncIterator[int]:
@@ -582,6 +584,7 @@ class _SchemaLog:
             await decoder.recover(conn, str(exc))
             done = await decoder.step(conn)
         self.mode, self.slot_lag = done.mode, done.lag_bytes
+        self.steps += 1
         # A step's rows may be in the next step's tick only (those of a transaction that
         # committed between its snapshot and its position): step again, whatever comes.
         self._step_again = bool(done.decoded) or done.unflushed or done.partial
@@ -606,9 +609,7 @@ class _SchemaLog:
         if time.monotonic() - self._last_found < _QUIET_S:
             await _woken(wake, _POLL_S)
             return
-        if self._unsaved > self._saved:
-            await conn.execute(changes.save_sql(), self._unsaved, timeout=COMMAND_TIMEOUT_S)
-            self._saved = self._unsaved
+        await self._save(conn)
         if await conn.fetchval(changes.sleep_sql(), timeout=COMMAND_TIMEOUT_S):
             # Every writer that did not see us asleep has ended: one more read finds what
             # they committed, and from now on writers NOTIFY.
@@ -620,51 +621,75 @@ class _SchemaLog:
         """Logical decoding: no trigger, no NOTIFY. While changes came lately, look again
         every _POLL_S; then save the cursor and wait, in the server, for the WAL's insert
         position to move past the last step's (one call per _WAL_WAIT_S at most),
-        returning once it has (or on a wake-up, or after _RECHECK_S all the same)."""
+        returning once it has (or on a wake-up, or after _RECHECK_S all the same). The
+        slot streamed, the stream says more (`_wait_for_stream`)."""
+        stream = self._feed._decoder.stream
+        if stream is not None and not stream.closed and not self._step_again:
+            await self._wait_for_stream(conn, wake, stream)
+            return
         if time.monotonic() - self._last_found < _QUIET_S:
             await _woken(wake, _POLL_S)
             return
         changes = self._feed._log
-        if self._unsaved > self._saved:
-            await conn.execute(changes.save_sql(), self._unsaved, timeout=COMMAND_TIMEOUT_S)
-            self._saved = self._unsaved
+        await self._save(conn)
         await self._feed._decoder.advance(conn)
         deadline = time.monotonic() + _RECHECK_S
-        stream = self._feed._decoder.stream
-        if stream is not None and not stream.closed and not self._step_again:
-            await self._wait_for_stream(conn, wake, stream, deadline)
-            return
         while not (wake.is_set() or self.recheck) and time.monotonic() < deadline:
             if await conn.fetchval(changes.wal_moved_sql(), lsn_text(self._step_lsn),
                                    int(_WAL_WAIT_S * 1000), timeout=COMMAND_TIMEOUT_S):
                 return
 
+    async def _save(self, conn: Connection) -> None:
+        """Save the published cursor now (the reads save it, but the tailer is idle)."""
+        if self._unsaved > self._saved:
+            await conn.execute(self._feed._log.save_sql(), self._unsaved,
+                               timeout=COMMAND_TIMEOUT_S)
+            self._saved = self._unsaved
+
     async def _wait_for_stream(self, conn: Connection, wake: asyncio.Event,
-                               stream: SlotStream, deadline: float) -> None:
-        """The slot streamed, idle: return when the stream brings a transaction of the
-        captured tables. The WAL moving is not enough: writes to every other table (and
-        database) of the server move it too, and a step each time cost those writers a
-        quarter of their rate (docs/feeds.md, "Other tables' writers"). So each time the
-        WAL's flush position moves, look at the stream once it shows that position
-        (everything committed before it has come: stream.py): a step only if something
-        came. Returns on a wake-up too, and after _RECHECK_S all the same (a step then
-        confirms the slot's position, so that it keeps no more WAL than that)."""
+                               stream: SlotStream) -> None:
+        """The slot streamed, and the last step copied nothing: return when the stream
+        brings a transaction of the captured tables. The WAL moving is not enough:
+        writes to every other table (and database) of the server move it too, and a step
+        each time cost those writers a quarter of their rate, as a step every _POLL_S
+        after each change cost a light stream a dozen empty steps per change
+        (docs/feeds.md, "Other tables' writers"). Looks only, while changes came lately;
+        then saves the cursor and looks until _RECHECK_S, when it returns all the same
+        (the step then confirms the slot's position: it keeps no more WAL than that)."""
+        quiet_until = self._last_found + _QUIET_S
+        if time.monotonic() < quiet_until and await self._look(conn, wake, stream,
+                                                               quiet_until):
+            return
+        await self._save(conn)
+        await self._look(conn, wake, stream, time.monotonic() + _RECHECK_S)
+
+    async def _look(self, conn: Connection, wake: asyncio.Event, stream: SlotStream,
+                    deadline: float) -> bool:
+        """Each time the WAL's flush position moves (until `deadline`), look at the stream
+        once it shows that position (everything committed before it has come:
+        stream.py). Whether to step: something came, a wake-up, or the stream cannot
+        say; false at the deadline."""
         after = self._step_lsn
-        while not (wake.is_set() or self.recheck or stream.waiting) and (
-                time.monotonic() < deadline):
-            flushed = await conn.fetchval(self._feed._log.wal_flushed_sql(), lsn_text(after),
-                                          int(_WAL_WAIT_S * 1000), timeout=COMMAND_TIMEOUT_S)
+        while not (wake.is_set() or self.recheck or stream.waiting):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            flushed = await conn.fetchval(
+                self._feed._log.wal_flushed_sql(), lsn_text(after),
+                max(1, int(min(left, _WAL_WAIT_S) * 1000)), timeout=COMMAND_TIMEOUT_S)
             if flushed is None:
                 continue
             try:
-                shown = await stream.reach(lsn_value(flushed), _STREAM_LOOK_S)
+                if not await stream.reach(lsn_value(flushed), _STREAM_LOOK_S):
+                    return True  # (the WAL sender is slow, or the stream is full)
             except StreamUnavailable:
-                return  # the step opens it again
-            if not shown or stream.waiting:
-                return
+                return True  # the step opens it again
             after = lsn_value(flushed)
-            # Other tables' writes keep moving the WAL: one look per _STREAM_LOOK_EVERY_S.
-            await _woken(wake, _STREAM_LOOK_EVERY_S)
+            if not stream.waiting:
+                # Other tables' writes keep moving the WAL: a look per
+                # _STREAM_LOOK_EVERY_S at most.
+                await _woken(wake, _STREAM_LOOK_EVERY_S)
+        return True
 
     def lag_s(self, published: int) -> float:
         """How long the oldest change read but not yet published has waited since its
