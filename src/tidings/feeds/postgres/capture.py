@@ -86,6 +86,7 @@ from tidings.errors import ServiceUnavailable
 from tidings.feeds.base import Retention
 from tidings.feeds.postgres.capture_sql import Names, functions, tables
 from tidings.feeds.postgres.decoding import (
+    STEP_PLEASE,
     Captured,
     Decoder,
     publication_name,
@@ -403,10 +404,13 @@ class ChangeLog:
         return _int(await conn.fetchval(f"SELECT {self._fn('tidings_tick')}()")), False
 
     def _pending_sql(self) -> str:
-        """A pending tick at the current snapshot (under the tick lock); its number."""
-        return (f"INSERT INTO {self.ticks} (tick, snapshot, through, at, lsn) "
+        """A pending tick at the current snapshot (under the tick lock); its number. With
+        a message on the slot's stream (`STEP_PLEASE`): a streamed tailer in another
+        process steps for it, as for a captured table's change."""
+        return (f"WITH t AS (INSERT INTO {self.ticks} (tick, snapshot, through, at, lsn) "
                 f"SELECT max(tick) + 1, pg_current_snapshot(), NULL, clock_timestamp(), "
-                f"pg_current_wal_insert_lsn() FROM {self.ticks} RETURNING tick")
+                f"pg_current_wal_insert_lsn() FROM {self.ticks} RETURNING tick) "
+                f"SELECT t.tick FROM t CROSS JOIN {STEP_PLEASE}")
 
     async def closed(self, conn: Connection, tick: int, wake: Callable[[], None]) -> int:
         """The position of a pending tick once the tailer has closed it (waiting at most

@@ -79,6 +79,10 @@ LOGICAL = "logical decoding"
 # The topic of the marker a lost slot leaves in the log (private: nobody subscribes).
 GAP_TOPIC = "tidings:change-feed-gap"
 _PREFIX = "tidings"
+# A transactional logical message (`pg_logical_emit_message`): the stream brings it at
+# its transaction's commit, which wakes a streamed tailer that otherwise steps only for
+# the captured tables' transactions (an API read's pending tick needs a step).
+STEP_PLEASE = f"pg_logical_emit_message(true, '{_PREFIX}', 'step')"
 _FLUSH_WAIT_S = 1.0
 _SLOT_CREATE_TIMEOUT_S = 60.0
 _FLUSH_SHORT_S = 0.004  # then flush it ourselves (`Decoder.step`)
