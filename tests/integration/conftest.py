@@ -15,7 +15,7 @@ from tests.conftest import HubProcess
 from tests.integration.feed_backends import FeedDB, MongoFeedDB, PostgresDB, SQLiteDB
 from tests.integration.mongo_server import MongoServer
 from tests.services import POSTGRES_URL, PrivateRedis, require
-from tidings.feeds.postgres.decoding import slot_name
+from tidings.feeds.postgres.decoding import publication_name, slot_name
 
 
 @pytest.fixture
@@ -50,9 +50,12 @@ async def _pg_schema() -> AsyncIterator[tuple[str, str]]:
 
 
 async def drop_slot(conn: asyncpg.Connection, schema: str) -> None:
-    """Drop the schema's replication slot, if logical decoding made one: a slot left
-    behind keeps WAL and takes one of the server's few slots."""
-    slot = slot_name(str(await conn.fetchval("SELECT current_database()")), schema)
+    """Drop the schema's replication slot and publication, if logical decoding made them:
+    a slot left behind keeps WAL and takes one of the server's few slots, and a
+    publication outlives its schema (it belongs to the database)."""
+    db = str(await conn.fetchval("SELECT current_database()"))
+    await conn.execute(f"DROP PUBLICATION IF EXISTS {publication_name(db, schema)}")
+    slot = slot_name(db, schema)
     for attempt in range(100):  # its session ends as soon as PostgreSQL notices
         try:
             await conn.execute("SELECT pg_drop_replication_slot(slot_name) "
